@@ -1,0 +1,4 @@
+from comfyd.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,394 @@
+"""The scheduler owns the queue: which job runs next, on which backend, and every state change after.
+
+It keeps only ids and ranks of waiting jobs in memory (workflow JSON stays in SQLite until dispatch),
+hands the next job of a pool to an executor with a free slot, and records each transition through the
+store before anyone hears of it: events and metrics follow the commit, never precede it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import structlog
+
+from comfyd import events
+from comfyd.actors.base import Actor
+from comfyd.actors.pending import PendingQueue
+from comfyd.messages import (AddBackend, BackendState, CancelJob, Enqueue, Interrupt, JobError, JobFinished,
+                             JobProgress, JobStarted, Message, QueuePosition, Returned, Run, SchedulerSnapshot,
+                             StopIntake)
+from comfyd.metrics import Metrics
+from comfyd.store.db import now_ms
+from comfyd.store.jobs import JobStore
+
+log = structlog.get_logger("comfyd.scheduler")
+
+
+class Dispatched(Message, frozen=True):
+    """Private: a job's dispatch is committed and its workflow loaded; hand it over now."""
+
+    workflow_id: str
+    run: Run
+    created_at: int
+
+
+class CancelOutcome(msgspec.Struct, frozen=True):
+    status: str | None  # the job's status after the cancel, None if the scheduler does not hold the job
+
+
+@dataclass(slots=True)
+class Backend:
+    name: str
+    pool: str
+    capacity: int
+    executor: Actor[Any]
+    up: bool = False
+    assigned: set[str] = field(default_factory=set)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.assigned) if self.up else 0
+
+
+@dataclass(slots=True)
+class ActiveJob:
+    workflow_id: str
+    pool: str
+    rank: int
+    seq: int
+    backend: str
+    status: str = "dispatching"  # dispatching -> dispatched -> running
+    attempt: int = 0
+    created_at: int = 0
+    started_at: int | None = None
+    cancel_requested: bool = False
+    waiters: list[asyncio.Future[str]] = field(default_factory=list)
+
+
+class Scheduler(Actor[Message]):
+    mailbox_size = 10_000
+
+    def __init__(self, jobs: JobStore, publish: Callable[[events.WorkflowEvent], None], metrics: Metrics, *,
+                 max_attempts: int = 2) -> None:
+        super().__init__("scheduler")
+        self.jobs = jobs
+        self.publish = publish
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.pending = PendingQueue()
+        self.active: dict[str, ActiveJob] = {}
+        self.backends: dict[str, Backend] = {}
+        self.intake_open = True
+        self.recovered = asyncio.Event()
+        self.idle = asyncio.Event()  # set while no job is on a backend (drain waits for it)
+
+    def add_backend(self, name: str, pool: str, capacity: int, executor: Actor[Any]) -> None:
+        """Wiring, before start (the composition root) or via ``AddBackend`` at run time."""
+        self.backends[name] = Backend(name, pool, capacity, executor)
+        self.metrics.backend_up.labels(backend=name, pool=pool).set(0)
+        self.metrics.backend_busy.labels(backend=name, pool=pool).set(0)
+
+    # -- recovery ------------------------------------------------------------------------------------------
+    async def on_start(self) -> None:
+        rows = await self.jobs.active()
+        reattached = 0
+        for row in rows:
+            backend = self.backends.get(row["backend"] or "")
+            if row["prompt_id"] and backend is not None:
+                # It may be inside ComfyUI: the executor reconciles it by prompt_id before taking new work.
+                job = ActiveJob(row["id"], row["pool"], row["rank"], row["seq"], backend.name,
+                                status="running" if row["status"] == "running" else "dispatching",
+                                attempt=row["attempts"], started_at=row["started_at"])
+                self.active[job.workflow_id] = job
+                backend.assigned.add(job.workflow_id)
+                self.spawn(self._prepare(job, reattach=True))
+                reattached += 1
+            else:
+                self.pending.push(row["id"], row["pool"], row["rank"], row["seq"])
+        self._update_gauges()
+        log.info("scheduler_recovered", queued=len(self.pending), reattaching=reattached)
+        self.recovered.set()
+
+    # -- messages ------------------------------------------------------------------------------------------
+    async def handle(self, message: Message) -> Any:
+        match message:
+            case Enqueue():
+                return self._enqueue(message)
+            case QueuePosition():
+                return self.position(message.workflow_id)
+            case CancelJob():
+                return self._cancel(message.workflow_id)
+            case JobStarted():
+                self._started(message)
+            case JobProgress():
+                self._progress(message)
+            case JobFinished():
+                self._finished(message)
+            case Returned():
+                self._returned(message)
+            case BackendState():
+                self._backend_state(message)
+            case Dispatched():
+                self._hand_over(message)
+            case SchedulerSnapshot():
+                return self.snapshot()
+            case AddBackend():
+                raise TypeError("AddBackend needs the executor: use add_backend from the composition root")
+            case StopIntake():
+                self.intake_open = False
+            case _:
+                raise TypeError(f"scheduler cannot handle {type(message).__name__}")
+        self._dispatch()
+        return None
+
+    def _enqueue(self, msg: Enqueue) -> int:
+        self.pending.push(msg.workflow_id, msg.pool, msg.rank, msg.seq)
+        self.metrics.workflow_total.labels(status="queued").inc()
+        position = self.pending.position(msg.workflow_id) or 0
+        self.publish(events.WorkflowQueued(workflowId=msg.workflow_id, timestamp=events.now_ms(),
+                                           queuePosition=position, priority=msg.priority, gpu=msg.pool))
+        log.info("workflow_queued", workflow_id=msg.workflow_id, pool=msg.pool, priority=msg.priority,
+                 position=position)
+        self._dispatch()
+        return position
+
+    async def ask_position(self, workflow_id: str) -> int | None:
+        return await self.ask(QueuePosition(workflow_id=workflow_id), 10.0)
+
+    def position(self, workflow_id: str) -> int | None:
+        position = self.pending.position(workflow_id)
+        if position is None:
+            return 0 if workflow_id in self.active else None
+        return position
+
+    def _cancel(self, workflow_id: str) -> Any:
+        if self.pending.remove(workflow_id):
+            done = self.jobs.db.write([self.jobs.finish(workflow_id, status="cancelled", completed_at=now_ms())])
+            self._announce(done, events.WorkflowCancelled(workflowId=workflow_id, timestamp=events.now_ms()),
+                           status="cancelled", workflow_id=workflow_id)
+            self._update_gauges()
+            return _then(done, CancelOutcome("cancelled"))
+        job = self.active.get(workflow_id)
+        if job is None:
+            return CancelOutcome(None)
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        job.waiters.append(waiter)
+        if not job.cancel_requested:
+            job.cancel_requested = True
+            if job.status != "dispatching":
+                self.backends[job.backend].executor.tell(Interrupt(workflow_id=workflow_id))
+        log.info("workflow_cancel_requested", workflow_id=workflow_id, backend=job.backend, state=job.status)
+        return _wrap(waiter)
+
+    def _started(self, msg: JobStarted) -> None:
+        job = self.active.get(msg.workflow_id)
+        if job is None or job.status == "running":
+            return
+        job.status = "running"
+        job.started_at = msg.started_at
+        done = self.jobs.update(msg.workflow_id, status="running", started_at=msg.started_at, backend=msg.backend)
+        self._announce(done, events.WorkflowStarted(workflowId=msg.workflow_id, timestamp=msg.started_at,
+                                                    backend=msg.backend),
+                       status="started", workflow_id=msg.workflow_id, backend=msg.backend)
+        if job.created_at:
+            self.metrics.queue_wait.labels(gpu_type=job.pool).observe(max(0, msg.started_at - job.created_at) / 1000)
+        self._update_gauges()
+
+    def _progress(self, msg: JobProgress) -> None:
+        if msg.workflow_id not in self.active:
+            return
+        self.jobs.update(msg.workflow_id, progress=msg.progress, current_node=msg.current_node)
+        self.publish(events.WorkflowProgress(workflowId=msg.workflow_id, timestamp=events.now_ms(),
+                                             progress=msg.progress, currentNode=msg.current_node))
+
+    def _finished(self, msg: JobFinished) -> None:
+        job = self.active.pop(msg.workflow_id, None)
+        if job is None:
+            return
+        self._release(job)
+        if msg.retry and job.attempt < self.max_attempts and not job.cancel_requested:
+            self._requeue(job, reason=msg.error.message if msg.error else "backend lost")
+            return
+        completed_at = now_ms()
+        statements = [self.jobs.finish(msg.workflow_id, status=msg.status, completed_at=completed_at,
+                                       outputs=msg.outputs, error=msg.error,
+                                       progress=100.0 if msg.status == "completed" else None)]
+        statements += _output_rows(msg, completed_at)
+        done = self.jobs.db.write(statements)
+        event: events.WorkflowEvent
+        if msg.status == "completed":
+            event = events.WorkflowCompleted(workflowId=msg.workflow_id, timestamp=completed_at,
+                                             outputs=[events.output_view(o) for o in msg.outputs])
+        elif msg.status == "cancelled":
+            event = events.WorkflowCancelled(workflowId=msg.workflow_id, timestamp=completed_at)
+        else:
+            error = msg.error or JobError(error_type="internal", message="the job failed")
+            event = events.error_event(msg.workflow_id, error)
+            self.metrics.workflow_errors.labels(error_type=error.error_type).inc()
+        if job.started_at is not None and msg.status == "completed":
+            self.metrics.workflow_duration.labels(gpu_type=job.pool).observe(
+                max(0, completed_at - job.started_at) / 1000)
+        self._announce(done, event, status=msg.status, workflow_id=msg.workflow_id, backend=msg.backend,
+                       error_type=msg.error.error_type if msg.error else None)
+        for waiter in job.waiters:
+            done.add_done_callback(lambda _f, w=waiter, s=msg.status: w.done() or w.set_result(s))
+        self._update_gauges()
+
+    def _requeue(self, job: ActiveJob, reason: str) -> None:
+        self.pending.push(job.workflow_id, job.pool, job.rank, job.seq)
+        done = self.jobs.update(job.workflow_id, status="queued", backend=None, progress=0.0, current_node=None,
+                                started_at=None)
+        self._announce(done, events.WorkflowRequeued(workflowId=job.workflow_id, timestamp=events.now_ms(),
+                                                     reason=reason, attempt=job.attempt),
+                       status="requeued", workflow_id=job.workflow_id, backend=job.backend, reason=reason)
+        self._update_gauges()
+
+    def _returned(self, msg: Returned) -> None:
+        job = self.active.pop(msg.workflow_id, None)
+        if job is None:
+            return
+        self._release(job)
+        if job.cancel_requested:  # it never reached ComfyUI: the cancel completes here
+            self._cancel_unsent(job)
+            return
+        self.pending.push(job.workflow_id, job.pool, job.rank, job.seq)
+        self.jobs.update(job.workflow_id, backend=None, attempts=max(0, job.attempt - 1))
+        log.info("workflow_returned", workflow_id=job.workflow_id, backend=msg.backend, reason=msg.reason)
+        self._update_gauges()
+
+    def _backend_state(self, msg: BackendState) -> None:
+        backend = self.backends.get(msg.backend)
+        if backend is None or backend.up == msg.up:
+            return
+        backend.up = msg.up
+        self.metrics.backend_up.labels(backend=backend.name, pool=backend.pool).set(1 if msg.up else 0)
+        log.info("backend_up" if msg.up else "backend_down", backend=backend.name, pool=backend.pool,
+                 error=msg.error)
+
+    # -- dispatch ------------------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        if not self.intake_open:
+            return
+        for backend in sorted(self.backends.values(), key=lambda b: len(b.assigned)):
+            while backend.free > 0:
+                workflow_id = self.pending.pop(backend.pool)
+                if workflow_id is None:
+                    break
+                job = ActiveJob(workflow_id, backend.pool, 0, 0, backend.name)
+                self.active[workflow_id] = job
+                backend.assigned.add(workflow_id)
+                self.spawn(self._prepare(job, reattach=False))
+        self._update_gauges()
+
+    async def _prepare(self, job: ActiveJob, *, reattach: bool) -> None:
+        row = await self.jobs.db.fetchone(
+            "SELECT workflow, attempts, timeout, created_at, rank, seq, prompt_id FROM workflows WHERE id = ?",
+            (job.workflow_id,))
+        if row is None:  # pruned while waiting: nothing to run
+            log.error("workflow_vanished", workflow_id=job.workflow_id)
+            return
+        job.rank, job.seq, job.created_at = row["rank"], row["seq"], row["created_at"]
+        if reattach:
+            attempt, prompt_id = row["attempts"], row["prompt_id"]
+        else:
+            attempt = row["attempts"] + 1
+            prompt_id = f"{job.workflow_id}-{attempt}"
+            await self.jobs.update(job.workflow_id, backend=job.backend, prompt_id=prompt_id, attempts=attempt)
+        job.attempt = attempt
+        run = Run(workflow_id=job.workflow_id, prompt_id=prompt_id, workflow=msgspec.json.decode(row["workflow"]),
+                  attempt=attempt, timeout=row["timeout"] or None, reattach=reattach)
+        await self.send(Dispatched(workflow_id=job.workflow_id, run=run, created_at=row["created_at"]))
+
+    def _hand_over(self, msg: Dispatched) -> None:
+        job = self.active.get(msg.workflow_id)
+        if job is None:
+            return
+        if job.cancel_requested and not msg.run.reattach:
+            self.active.pop(msg.workflow_id)
+            self._release(job)
+            self._cancel_unsent(job)
+            return
+        if job.status == "dispatching":
+            job.status = "dispatched"
+        self.backends[job.backend].executor.tell(msg.run)
+        if job.cancel_requested:
+            self.backends[job.backend].executor.tell(Interrupt(workflow_id=job.workflow_id))
+        log.info("workflow_dispatched", workflow_id=job.workflow_id, backend=job.backend, attempt=msg.run.attempt,
+                 prompt_id=msg.run.prompt_id, reattach=msg.run.reattach)
+
+    def _cancel_unsent(self, job: ActiveJob) -> None:
+        """Cancel a job that was taken from the queue but never reached ComfyUI."""
+        self.pending.push(job.workflow_id, job.pool, job.rank, job.seq)
+        cancelled = self._cancel(job.workflow_id)
+        for waiter in job.waiters:
+            cancelled.add_done_callback(lambda _f, w=waiter: w.done() or w.set_result("cancelled"))
+
+    def _release(self, job: ActiveJob) -> None:
+        backend = self.backends.get(job.backend)
+        if backend is not None:
+            backend.assigned.discard(job.workflow_id)
+
+    # -- reporting -----------------------------------------------------------------------------------------
+    def _announce(self, done: asyncio.Future[None], event: events.WorkflowEvent, *, status: str,
+                  **fields: Any) -> None:
+        """Publish and count a transition once it is committed, in commit order."""
+
+        def after_commit(future: asyncio.Future[None]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                log.error("workflow_state_not_stored", status=status, error=repr(future.exception()), **fields)
+                return
+            if status != "requeued":
+                self.metrics.workflow_total.labels(status=status).inc()
+            log.info(f"workflow_{status}", **{k: v for k, v in fields.items() if v is not None})
+            self.publish(event)
+
+        done.add_done_callback(after_commit)
+
+    def _update_gauges(self) -> None:
+        if self.active:
+            self.idle.clear()
+        else:
+            self.idle.set()
+        waiting = len(self.pending) + sum(1 for j in self.active.values() if j.status != "running")
+        self.metrics.queue_length.set(waiting)
+        self.metrics.workflows_running.set(sum(1 for j in self.active.values() if j.status == "running"))
+        for backend in self.backends.values():
+            self.metrics.backend_busy.labels(backend=backend.name, pool=backend.pool).set(len(backend.assigned))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "queued": len(self.pending),
+            "running": sum(1 for j in self.active.values() if j.status == "running"),
+            "intakeOpen": self.intake_open,
+            "backends": {
+                b.name: {"pool": b.pool, "up": b.up, "capacity": b.capacity, "jobs": sorted(b.assigned)}
+                for b in self.backends.values()
+            },
+        }
+
+
+def _output_rows(msg: JobFinished, created_at: int) -> list[tuple[str, tuple[Any, ...]]]:
+    return [(
+        "INSERT INTO outputs (path, workflow_id, filename, subfolder, folder_type, kind, format, size, sha256, "
+        "width, height, node_id, backend, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+        "ON CONFLICT(path) DO UPDATE SET workflow_id = excluded.workflow_id, size = excluded.size, "
+        "sha256 = excluded.sha256, created_at = excluded.created_at",
+        (o.relpath, msg.workflow_id, o.filename, o.subfolder, o.folder_type, o.kind or "other", o.format or "",
+         o.size or 0, o.sha256, o.width, o.height, o.node_id, msg.backend, created_at),
+    ) for o in msg.outputs if o.size is not None]
+
+
+async def _wrap(waiter: asyncio.Future[str]) -> CancelOutcome:
+    return CancelOutcome(await waiter)
+
+
+def _then(done: asyncio.Future[None], value: Any) -> asyncio.Future[Any]:
+    async def wait() -> Any:
+        await done
+        return value
+
+    return asyncio.ensure_future(wait())

@@ -1,0 +1,30 @@
+"""Bring a finished run's outputs onto comfyd's disk and describe them for the index.
+
+With a shared disk (ComfyUI writes into the outputs folder comfyd reads) the file is already there; for a
+remote backend, or when the file is missing locally, it is fetched through ComfyUI's ``/view``. Paths that
+ComfyUI reports are checked like any client's: nothing lands outside the outputs folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from comfyd.comfy.client import ComfyClient
+from comfyd.messages import Output
+from comfyd.outputs.files import describe, safe_relpath
+
+
+async def collect_outputs(client: ComfyClient, refs: list[Output], outputs_dir: Path, *,
+                          local: bool) -> list[Output]:
+    collected = []
+    for ref in refs:
+        relpath = safe_relpath(ref.relpath)
+        path = outputs_dir / relpath
+        if not (local and path.is_file()):
+            await client.download(filename=ref.filename, subfolder=ref.subfolder, folder_type=ref.folder_type,
+                                  dest=path)
+        facts = await asyncio.to_thread(describe, path)
+        collected.append(Output(filename=ref.filename, subfolder=ref.subfolder, folder_type=ref.folder_type,
+                                node_id=ref.node_id, **facts))  # type: ignore[arg-type]
+    return collected

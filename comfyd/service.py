@@ -1,0 +1,131 @@
+"""The composition root: the one place that constructs actors and wires their handles.
+
+Start-up: database (migrations) → broadcaster → scheduler (recovery) → executors → model catalogue.
+Shutdown runs it in reverse, after intake has stopped and running jobs have had their drain deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+from typing import Any
+
+import aiohttp
+import structlog
+
+from comfyd.actors.broadcaster import Broadcaster
+from comfyd.actors.executor import Executor
+from comfyd.actors.scheduler import Scheduler
+from comfyd.actors.supervisor import Supervisor
+from comfyd.config import BackendConfig, Config
+from comfyd.messages import SchedulerSnapshot, StopIntake
+from comfyd.metrics import Metrics
+from comfyd.models.catalog import ModelCatalog
+from comfyd.store.db import Database
+from comfyd.store.jobs import JobStore
+from comfyd.store.model_hashes import SqliteHashCache
+from comfyd.store.outputs import OutputIndex
+
+log = structlog.get_logger("comfyd.service")
+
+
+class Service:
+    def __init__(self, config: Config, *, reconnect_min: float = 0.2, cancel_wait: float = 30.0) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.db = Database(config.db_path, synchronous=config.database.synchronous,
+                           busy_timeout_ms=config.database.busy_timeout_ms, batch_max=config.database.batch_max)
+        self.jobs = JobStore(self.db)
+        self.outputs = OutputIndex(self.db)
+        self.supervisor = Supervisor()
+        self.broadcaster = Broadcaster(self.metrics)
+        self.scheduler = Scheduler(self.jobs, self.broadcaster.publish, self.metrics,
+                                   max_attempts=config.scheduler.max_attempts)
+        self.executors: dict[str, Executor] = {}
+        self.models = ModelCatalog(config.models_dir, SqliteHashCache(self.db))
+        self.reconnect_min = reconnect_min
+        self.cancel_wait = cancel_wait
+        self.stream_queue_size = 256
+        self.accepting = False
+        self.session: aiohttp.ClientSession | None = None
+        self._seq = itertools.count(1)
+        self.instance_id = ""
+
+    # -- what the web edge uses ----------------------------------------------------------------------------
+    def pools(self) -> set[str]:
+        return {b.pool for b in self.config.backends}
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def catalogue_check(self, workflow: dict[str, Any], pool: str) -> None:
+        """Validation against a backend's node catalogue (issue: validate at the door); none yet."""
+
+    async def ask_snapshot(self) -> dict[str, Any]:
+        return await self.scheduler.ask(SchedulerSnapshot(), 5.0)
+
+    def backend_views(self) -> list[dict[str, Any]]:
+        return [executor.snapshot() for executor in self.executors.values()]
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.config.outputs_dir.mkdir(parents=True, exist_ok=True)
+        await self.db.open()
+        self.instance_id = await self._instance_id()
+        self._seq = itertools.count(await self.jobs.max_seq() + 1)
+        self.session = aiohttp.ClientSession()
+        self.supervisor.start(self.broadcaster)
+        for backend in self.config.backends:
+            self._add_executor(backend)
+        self.supervisor.start(self.scheduler)
+        await asyncio.wait_for(self.scheduler.recovered.wait(), 60)
+        for executor in self.executors.values():
+            self.supervisor.start(executor)
+        await self.models.start()
+        self.accepting = True
+        log.info("service_started", backends=len(self.executors), db=str(self.config.db_path),
+                 outputs=str(self.config.outputs_dir))
+
+    def _add_executor(self, backend: BackendConfig) -> Executor:
+        assert self.session is not None
+        executor = Executor(backend, self.scheduler, self.session, outputs_dir=self.config.outputs_dir,
+                            instance_id=self.instance_id, reconnect_min=self.reconnect_min)
+        self.executors[backend.name] = executor
+        self.scheduler.add_backend(backend.name, backend.pool, executor.capacity, executor)
+        return executor
+
+    async def _instance_id(self) -> str:
+        row = await self.db.fetchone("SELECT value FROM meta WHERE key = 'instance_id'")
+        if row is not None:
+            return str(row[0])
+        value = secrets.token_hex(4)
+        await self.db.write([("INSERT INTO meta (key, value) VALUES ('instance_id', ?)", (value,))])
+        return value
+
+    async def drain(self, deadline: float) -> None:
+        """Stop taking work; give running jobs until ``deadline`` seconds to finish. The rest stays queued."""
+        self.accepting = False
+        try:
+            self.scheduler.tell(StopIntake())
+            await asyncio.wait_for(self.scheduler.idle.wait(), deadline)
+            log.info("drain_complete")
+        except asyncio.TimeoutError:
+            log.warning("drain_deadline_passed", deadline=deadline,
+                        left=len(self.scheduler.active))
+        except Exception as exc:  # the scheduler already stopped: nothing left to wait for
+            log.warning("drain_skipped", error=repr(exc))
+
+    async def stop(self) -> None:
+        self.accepting = False
+        await self.models.stop()
+        self.supervisor._stopping = True  # noqa: SLF001 - stops below are not crashes
+        for executor in self.executors.values():
+            await executor.stop(10)
+        await self.scheduler.stop(10)
+        await self.broadcaster.stop(10)
+        if self.session is not None:
+            await self.session.close()
+        await self.db.close()
+        log.info("service_stopped")
+

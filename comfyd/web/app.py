@@ -1,0 +1,28 @@
+"""The aiohttp application factory: routes, middlewares, and the service behind them."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from comfyd.web import models, outputs, stream, system, workflows
+from comfyd.web.auth import auth_middleware
+from comfyd.web.errors import error_middleware
+from comfyd.web.keys import SERVICE
+from comfyd.web.metrics_mw import metrics_middleware
+
+
+def create_app(service) -> web.Application:  # type: ignore[no-untyped-def]
+    config = service.config
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[
+            metrics_middleware(service.metrics),
+            error_middleware,
+            auth_middleware(config.auth.api_keys, public_metrics=config.server.public_metrics,
+                            public_health=config.server.public_health),
+        ],
+    )
+    app[SERVICE] = service
+    for table in (system.routes, workflows.routes, outputs.routes, models.routes, stream.routes):
+        app.add_routes(table)
+    return app
