@@ -6,7 +6,9 @@ bounded: statuses, error types, pools, backends, GPU ids and route templates, ne
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+disable_created_metrics()  # the *_created series only add noise for dashboards
 
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600)
 WAIT_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)

@@ -159,7 +159,7 @@ class Actor(Generic[M]):
                 envelope = await self._mailbox.get()
                 if envelope.message is _STOP:
                     break
-                await self._dispatch(envelope)
+                await self._deliver(envelope)
         finally:
             self._stopping = True
             try:
@@ -168,7 +168,7 @@ class Actor(Generic[M]):
                 await self._cancel_children()
                 self._fail_pending()
 
-    async def _dispatch(self, envelope: Envelope) -> None:
+    async def _deliver(self, envelope: Envelope) -> None:
         reply_to = envelope.reply_to
         if reply_to is not None and reply_to.done():
             return  # the caller has gone (timed out or cancelled): don't answer a question nobody waits for

@@ -94,6 +94,11 @@ class Scheduler(Actor[Message]):
 
     # -- recovery ------------------------------------------------------------------------------------------
     async def on_start(self) -> None:
+        # Also the path of a restart after a crash: rebuild everything from the store.
+        self.pending = PendingQueue()
+        self.active.clear()
+        for backend in self.backends.values():
+            backend.assigned.clear()
         rows = await self.jobs.active()
         reattached = 0
         for row in rows:
@@ -201,9 +206,11 @@ class Scheduler(Actor[Message]):
     def _progress(self, msg: JobProgress) -> None:
         if msg.workflow_id not in self.active:
             return
-        self.jobs.update(msg.workflow_id, progress=msg.progress, current_node=msg.current_node)
-        self.publish(events.WorkflowProgress(workflowId=msg.workflow_id, timestamp=events.now_ms(),
-                                             progress=msg.progress, currentNode=msg.current_node))
+        done = self.jobs.update(msg.workflow_id, progress=msg.progress, current_node=msg.current_node)
+        event = events.WorkflowProgress(workflowId=msg.workflow_id, timestamp=events.now_ms(),
+                                        progress=msg.progress, currentNode=msg.current_node)
+        # Published after its commit like every transition, so it can never overtake workflow:started.
+        done.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self.publish(event))
 
     def _finished(self, msg: JobFinished) -> None:
         job = self.active.pop(msg.workflow_id, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 
@@ -33,7 +34,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ComfydError as exc:
         return from_domain(exc)
-    except (MailboxFull, ActorStopped) as exc:
+    except (MailboxFull, ActorStopped, asyncio.TimeoutError) as exc:
         return error_response(503, "Service Unavailable", f"comfyd is overloaded or stopping: {exc}",
                               headers={"Retry-After": "1"})
     except web.HTTPRequestEntityTooLarge as exc:

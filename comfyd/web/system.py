@@ -35,7 +35,7 @@ async def index(request: web.Request) -> web.Response:
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    snapshot = await service.scheduler.ask_snapshot()
+    snapshot = await service.ask_snapshot()
     backends_up = sum(1 for b in snapshot["backends"].values() if b["up"])
     status = "ok" if backends_up else "degraded"
     if not service.accepting:
