@@ -138,3 +138,9 @@ class Interrupt(Message, frozen=True):
 
     workflow_id: str
     reason: Literal["cancel", "timeout"] = "cancel"
+
+
+class Withdraw(Message, frozen=True):
+    """A job waiting inside ComfyUI's queue was outranked: take it back (it returns via ``Returned``)."""
+
+    workflow_id: str

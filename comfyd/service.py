@@ -60,7 +60,12 @@ class Service:
         return next(self._seq)
 
     def catalogue_check(self, workflow: dict[str, Any], pool: str) -> None:
-        """Validation against a backend's node catalogue (issue: validate at the door); none yet."""
+        """Reject at the door what the pool's ComfyUI would reject: unknown nodes, missing inputs, bad links.
+        Without a catalogue yet (no backend of the pool has answered), ComfyUI itself validates at run time."""
+        for executor in self.executors.values():
+            if executor.config.pool == pool and executor.catalogue is not None:
+                executor.catalogue.check(workflow)
+                return
 
     async def ask_snapshot(self) -> dict[str, Any]:
         return await self.scheduler.ask(SchedulerSnapshot(), 5.0)

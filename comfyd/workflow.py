@@ -49,8 +49,8 @@ def decode_submit(raw: bytes) -> SubmitBody:
 def check_workflow(workflow: dict[str, Any]) -> None:
     """An API-format workflow: ``{node_id: {"class_type": str, "inputs": {...}}, ...}``."""
     if isinstance(workflow.get("nodes"), list) and isinstance(workflow.get("links"), list):
-        raise BadRequest("this is a workflow in ComfyUI's UI format (top-level nodes/links); export it with "
-                         "'Export (API)' / 'Save (API Format)' and submit that", field="workflow")
+        raise BadRequest("this is a workflow in ComfyUI's UI format (top-level nodes/links); export it in API "
+                         "format (Workflow > Export (API)) and submit that", field="workflow")
     if not workflow:
         raise BadRequest("the workflow has no nodes", field="workflow")
     for node_id, node in workflow.items():

@@ -25,14 +25,17 @@ async def test_run_order_is_high_normal_low_fifo_within(comfyd: Comfyd, standin)
     running, waiting = await _block_backend(comfyd, standin)
     order = ["low", "normal", "high", "normal", "high", "low", "high"]
     ids = [await comfyd.submit(quick(10 + i), priority=p) for i, p in enumerate(order)]
-    positions = [(await comfyd.get(i))["queuePosition"] for i in ids]
-    expected = [i for p in ("high", "normal", "low") for i, q in zip(ids, order) if q == p]
-    assert [ids[positions.index(k)] for k in range(len(ids))] == expected
+    highs, normals, lows = ([i for i, q in zip(ids, order) if q == p] for p in ("high", "normal", "low"))
+    # the normal job that waited inside ComfyUI was outranked: taken back, the first high one took its place
+    await standin.wait_for(lambda: [p.rsplit("-", 1)[0] for p in standin.pending_prompt_ids] == highs[:1])
+    still_queued = [*highs[1:], waiting, *normals, *lows]  # in dispatch order
+    assert [(await comfyd.get(i))["queuePosition"] for i in still_queued] == list(range(len(still_queued)))
     standin.release()
     for workflow_id in ids:
         assert (await comfyd.wait_end(workflow_id))["type"] == "workflow:completed"
     ran = [p.rsplit("-", 1)[0] for p in standin.executed_prompt_ids]
-    assert ran == [running, waiting, *expected]
+    assert ran == [running, *highs, waiting, *normals, *lows]
+    assert (await comfyd.get(waiting))["attempts"] == 1  # taken back before it ran: no attempt used up
 
 
 async def test_cancel_queued_running_and_waiting_inside_comfyui(comfyd: Comfyd, standin) -> None:

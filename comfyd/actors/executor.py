@@ -21,12 +21,13 @@ import structlog
 
 from comfyd.actors.base import Actor, MailboxFull
 from comfyd.comfy import errors as comfy_errors
+from comfyd.comfy.catalogue import Catalogue
 from comfyd.comfy.client import BackendError, BackendUnreachable, ComfyClient, PromptRejected
 from comfyd.comfy.connection import Frame, follow
 from comfyd.comfy.tracker import PromptTracker
 from comfyd.config import BackendConfig
 from comfyd.messages import (BackendState, Interrupt, JobError, JobFinished, JobProgress, JobStarted, Message,
-                             Returned, Run)
+                             Returned, Run, Withdraw)
 from comfyd.outputs.collect import collect_outputs
 
 log = structlog.get_logger("comfyd.executor")
@@ -76,6 +77,10 @@ class Tick(Message, frozen=True):
     pass
 
 
+class CatalogueLoaded(Message, frozen=True):
+    object_info: dict[str, Any]
+
+
 @dataclass(slots=True)
 class RunState:
     run: Run
@@ -108,7 +113,9 @@ class Executor(Actor[Message]):
         self.cancel_grace = cancel_grace
         self.reconnect_min = reconnect_min
         self.up = False
+        self.down_since = time.monotonic()
         self.last_error: str | None = None
+        self.catalogue: Catalogue | None = None
         self.runs: dict[str, RunState] = {}  # prompt_id -> state, in hand-over order
         self.by_workflow: dict[str, str] = {}
         self.needs_free = False
@@ -151,6 +158,10 @@ class Executor(Actor[Message]):
                 self._accept(message)
             case Interrupt():
                 self._stop_run(message.workflow_id, message.reason)
+            case Withdraw():
+                self._withdraw(message.workflow_id)
+            case CatalogueLoaded():
+                self.catalogue = Catalogue(message.object_info)
             case FrameIn():
                 self._frame(message.frame)
             case Posted():
@@ -398,6 +409,25 @@ class Executor(Actor[Message]):
         except (BackendUnreachable, BackendError) as exc:
             log.warning("comfyui_stop_failed", backend=self.config.name, prompt_id=prompt_id, error=str(exc))
 
+    def _withdraw(self, workflow_id: str) -> None:
+        """Outranked while waiting inside ComfyUI: take it back so a more urgent job can go first."""
+        state = self.runs.get(self.by_workflow.get(workflow_id, ""))
+        if state is None or state.started or state.finishing or state.stop_reason or not state.posted:
+            return
+        self.spawn(self._take_back(state.run.prompt_id), name=f"{self.name}:withdraw")
+
+    async def _take_back(self, prompt_id: str) -> None:
+        try:
+            _, pending = await self.client.queue()
+            if prompt_id not in pending:
+                return
+            await self.client.delete_pending([prompt_id])
+            running, pending = await self.client.queue()
+        except (BackendUnreachable, BackendError):
+            return
+        if prompt_id not in running and prompt_id not in pending:
+            await self.send(Checked(prompt_id=prompt_id, where="withdrawn"))
+
     # -- reconciliation ------------------------------------------------------------------------------------
     def _check(self, state: RunState) -> None:
         if state.checking or state.finishing:
@@ -436,6 +466,9 @@ class Executor(Actor[Message]):
                     self._started(state, int(time.time() * 1000))
                 if state.stop_reason is not None:
                     self._ask_comfyui_to_stop(state)
+            case "withdrawn":
+                if not state.started and not state.finishing:
+                    self._return(state, "outranked while waiting inside ComfyUI")
             case "gone" if state.stop_reason is not None:
                 self._done(Done(prompt_id=message.prompt_id, result=self._stopped_result(state)))
             case "unknown" | "gone":
@@ -458,6 +491,14 @@ class Executor(Actor[Message]):
 
     def _tick(self) -> None:
         now = time.monotonic()
+        if not self.up and self.runs and now - self.down_since > self.config.silence_seconds:
+            for state in list(self.runs.values()):  # away too long: let the scheduler place them elsewhere
+                if not state.posted:
+                    continue
+                self._finish(state.run.prompt_id, "failed", retry=True, error=JobError(
+                    error_type="backend_lost", message=f"backend {self.config.name} has been unreachable for "
+                                                       f"{now - self.down_since:.0f}s: {self.last_error}"))
+            return
         for state in list(self.runs.values()):
             if not state.posted or state.finishing or not self.up:
                 continue
@@ -471,10 +512,17 @@ class Executor(Actor[Message]):
     def _connected(self) -> None:
         self.up = True
         self.last_error = None
+        self.spawn(self._load_catalogue(), name=f"{self.name}:object_info")
         self._report(BackendState(backend=self.config.name, up=True))
         for state in list(self.runs.values()):
             if state.posted:
                 self._check(state)  # whatever happened while we were away, ask ComfyUI
+
+    async def _load_catalogue(self) -> None:
+        try:
+            await self.send(CatalogueLoaded(object_info=await self.client.object_info()))
+        except (BackendUnreachable, BackendError) as exc:
+            log.warning("comfyui_object_info_failed", backend=self.config.name, error=str(exc))
 
     def _disconnected(self, reason: str) -> None:
         self._mark_down(reason)
@@ -496,4 +544,5 @@ class Executor(Actor[Message]):
     def snapshot(self) -> dict[str, Any]:
         return {"name": self.config.name, "url": self.config.url, "pool": self.config.pool, "gpu": self.config.gpu,
                 "state": "up" if self.up else "down", "lastError": self.last_error,
+                "nodeClasses": len(self.catalogue) if self.catalogue else None,
                 "jobs": [s.run.workflow_id for s in self.runs.values()]}

@@ -20,7 +20,7 @@ from comfyd.actors.base import Actor
 from comfyd.actors.pending import PendingQueue
 from comfyd.messages import (AddBackend, BackendState, CancelJob, Enqueue, Interrupt, JobError, JobFinished,
                              JobProgress, JobStarted, Message, QueuePosition, Returned, Run, SchedulerSnapshot,
-                             StopIntake)
+                             StopIntake, Withdraw)
 from comfyd.metrics import Metrics
 from comfyd.store.db import now_ms
 from comfyd.store.jobs import JobStore
@@ -66,6 +66,7 @@ class ActiveJob:
     created_at: int = 0
     started_at: int | None = None
     cancel_requested: bool = False
+    withdrawing: bool = False
     waiters: list[asyncio.Future[str]] = field(default_factory=list)
 
 
@@ -159,7 +160,19 @@ class Scheduler(Actor[Message]):
         log.info("workflow_queued", workflow_id=msg.workflow_id, pool=msg.pool, priority=msg.priority,
                  position=position)
         self._dispatch()
+        if msg.workflow_id in self.pending and self.pending.peek(msg.pool) == msg.workflow_id:
+            self._outrank(msg.pool, msg.rank)
         return position
+
+    def _outrank(self, pool: str, rank: int) -> None:
+        """A more urgent job waits while a less urgent one sits inside ComfyUI's queue: take that one back."""
+        waiting = [j for j in self.active.values()
+                   if j.pool == pool and j.status == "dispatched" and not j.withdrawing and j.rank > rank]
+        if waiting:
+            job = max(waiting, key=lambda j: (j.rank, j.seq))
+            job.withdrawing = True
+            self.backends[job.backend].executor.tell(Withdraw(workflow_id=job.workflow_id))
+            log.info("workflow_outranked", workflow_id=job.workflow_id, backend=job.backend)
 
     async def ask_position(self, workflow_id: str) -> int | None:
         return await self.ask(QueuePosition(workflow_id=workflow_id), 10.0)
@@ -293,8 +306,8 @@ class Scheduler(Actor[Message]):
 
     async def _prepare(self, job: ActiveJob, *, reattach: bool) -> None:
         row = await self.jobs.db.fetchone(
-            "SELECT workflow, attempts, timeout, created_at, rank, seq, prompt_id FROM workflows WHERE id = ?",
-            (job.workflow_id,))
+            "SELECT workflow, attempts, dispatches, timeout, created_at, rank, seq, prompt_id FROM workflows "
+            "WHERE id = ?", (job.workflow_id,))
         if row is None:  # pruned while waiting: nothing to run
             log.error("workflow_vanished", workflow_id=job.workflow_id)
             return
@@ -303,8 +316,9 @@ class Scheduler(Actor[Message]):
             attempt, prompt_id = row["attempts"], row["prompt_id"]
         else:
             attempt = row["attempts"] + 1
-            prompt_id = f"{job.workflow_id}-{attempt}"
-            await self.jobs.update(job.workflow_id, backend=job.backend, prompt_id=prompt_id, attempts=attempt)
+            prompt_id = f"{job.workflow_id}-{row['dispatches'] + 1}"
+            await self.jobs.update(job.workflow_id, backend=job.backend, prompt_id=prompt_id, attempts=attempt,
+                                   dispatches=row["dispatches"] + 1)
         job.attempt = attempt
         run = Run(workflow_id=job.workflow_id, prompt_id=prompt_id, workflow=msgspec.json.decode(row["workflow"]),
                   attempt=attempt, timeout=row["timeout"] or None, reattach=reattach)

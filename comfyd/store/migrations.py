@@ -66,4 +66,9 @@ MIGRATIONS: list[str] = [
         hashed_at INTEGER NOT NULL
     );
     """,
+    # 2: dispatches counts every hand-over to ComfyUI (the prompt_id suffix, unique per post); attempts counts
+    #    only the runs that count against max_attempts (a job taken back before it ran gives its attempt back)
+    """
+    ALTER TABLE workflows ADD COLUMN dispatches INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
