@@ -1,4 +1,5 @@
-from comfyd.cli import main
 import sys
+
+from comfyd.cli import main
 
 sys.exit(main())

@@ -6,7 +6,13 @@ bounded: statuses, error types, pools, backends, GPU ids and route templates, ne
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 disable_created_metrics()  # the *_created series only add noise for dashboards
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,81 +19,45 @@ import aiohttp
 import structlog
 
 from comfyd.actors.base import Actor, MailboxFull
+from comfyd.actors.executor_state import (
+    CatalogueLoaded,
+    Checked,
+    Connected,
+    Disconnected,
+    Done,
+    FrameIn,
+    Posted,
+    Rejected,
+    RunState,
+    Tick,
+    Unreachable,
+)
 from comfyd.comfy import errors as comfy_errors
+from comfyd.comfy import probe
 from comfyd.comfy.catalogue import Catalogue
-from comfyd.comfy.client import BackendError, BackendUnreachable, ComfyClient, PromptRejected
+from comfyd.comfy.client import (
+    BackendError,
+    BackendUnreachable,
+    ComfyClient,
+    PromptRejected,
+)
 from comfyd.comfy.connection import Frame, follow
+from comfyd.comfy.outcome import conclude, job_result, stopped_result
 from comfyd.comfy.tracker import PromptTracker
 from comfyd.config import BackendConfig
-from comfyd.messages import (BackendState, Interrupt, JobError, JobFinished, JobProgress, JobStarted, Message,
-                             Returned, Run, Withdraw)
-from comfyd.outputs.collect import collect_outputs
+from comfyd.messages import (
+    BackendState,
+    Interrupt,
+    JobError,
+    JobProgress,
+    JobStarted,
+    Message,
+    Returned,
+    Run,
+    Withdraw,
+)
 
 log = structlog.get_logger("comfyd.executor")
-
-
-# -- private messages (results of child tasks and of the socket) ---------------------------------------------
-class Connected(Message, frozen=True):
-    pass
-
-
-class Disconnected(Message, frozen=True):
-    reason: str
-
-
-class FrameIn(Message, frozen=True):
-    frame: Frame
-
-
-class Posted(Message, frozen=True):
-    prompt_id: str
-
-
-class Rejected(Message, frozen=True):
-    prompt_id: str
-    error: JobError
-
-
-class Unreachable(Message, frozen=True):
-    prompt_id: str
-    reason: str
-
-
-class Checked(Message, frozen=True):
-    """Result of asking ComfyUI about a prompt: where it is now."""
-
-    prompt_id: str
-    where: str  # "history" | "running" | "pending" | "unknown" | "unreachable"
-    entry: dict[str, Any] | None = None
-
-
-class Done(Message, frozen=True):
-    prompt_id: str
-    result: JobFinished
-
-
-class Tick(Message, frozen=True):
-    pass
-
-
-class CatalogueLoaded(Message, frozen=True):
-    object_info: dict[str, Any]
-
-
-@dataclass(slots=True)
-class RunState:
-    run: Run
-    tracker: PromptTracker
-    posted: bool = False
-    started: bool = False
-    finishing: bool = False
-    checking: bool = False
-    stop_reason: str | None = None  # "cancel" | "timeout" once asked to stop
-    stop_asked_at: float = 0.0
-    last_heard: float = field(default_factory=time.monotonic)
-    reported_progress: float = -1.0
-    reported_node: str | None = None
-    timer: asyncio.TimerHandle | None = None
 
 
 class Executor(Actor[Message]):
@@ -126,8 +89,11 @@ class Executor(Actor[Message]):
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     async def on_start(self) -> None:
-        self.spawn(follow(self.session, self.client.ws_url(self.client_id), on_open=self._on_open,
-                          on_frame=self._on_frame, on_close=self._on_close, backoff_min=self.reconnect_min),
+        self.spawn(follow(self.session, self.client.ws_url(self.client_id),
+                          on_open=lambda: self.send(Connected()),
+                          on_frame=lambda frame: self.send(FrameIn(frame=frame)),
+                          on_close=lambda reason: self.send(Disconnected(reason=reason)),
+                          backoff_min=self.reconnect_min),
                    name=f"{self.name}:socket")
         self.spawn(self._ticker(), name=f"{self.name}:ticker")
 
@@ -135,15 +101,6 @@ class Executor(Actor[Message]):
         for state in self.runs.values():
             if state.timer is not None:
                 state.timer.cancel()
-
-    async def _on_open(self) -> None:
-        await self.send(Connected())
-
-    async def _on_frame(self, frame: Frame) -> None:
-        await self.send(FrameIn(frame=frame))
-
-    async def _on_close(self, reason: str) -> None:
-        await self.send(Disconnected(reason=reason))
 
     async def _ticker(self) -> None:
         interval = max(0.05, min(self.config.silence_seconds / 4, 5.0))
@@ -177,7 +134,7 @@ class Executor(Actor[Message]):
             case Connected():
                 self._connected()
             case Disconnected():
-                self._disconnected(message.reason)
+                self._mark_down(message.reason)
             case Tick():
                 self._tick()
             case _:
@@ -245,30 +202,12 @@ class Executor(Actor[Message]):
                         running.last_heard = time.monotonic()
             return
         state.last_heard = time.monotonic()
-        tracker = state.tracker
-        match frame.type:
-            case "execution_start":
+        match state.tracker.apply(frame.type, data):
+            case "start":
                 self._started(state, int(data.get("timestamp") or time.time() * 1000))
-            case "execution_cached":
-                tracker.on_cached(data.get("nodes") or [])
-            case "executing":
-                if data.get("node") is None:
-                    self._ended(state)  # the history entry is there now (PROTOCOL: it lags the socket)
-                    return
-                self._started(state, int(time.time() * 1000))
-                tracker.on_executing(data["node"])
-            case "progress_state":
-                tracker.on_progress_state(data.get("nodes") or {})
-            case "progress":
-                tracker.on_progress(data.get("node"), data.get("value", 0), data.get("max", 1))
-            case "executed":
-                tracker.on_executed(data.get("node"), data.get("output"))
-            case "execution_success":
-                tracker.succeeded = True
-            case "execution_error":
-                tracker.error = data
-            case "execution_interrupted":
-                tracker.interrupted = data
+            case "end":
+                self._ended(state)  # the history entry is there now (PROTOCOL: it lags the socket)
+                return
         self._report_progress(state)
 
     def _started(self, state: RunState, timestamp: int) -> None:
@@ -304,67 +243,15 @@ class Executor(Actor[Message]):
 
     # -- ending a run --------------------------------------------------------------------------------------
     async def _conclude(self, state: RunState, entry: dict[str, Any] | None = None) -> None:
-        """Read the history entry (it lags the socket), collect outputs, and decide the job's end."""
-        run, tracker = state.run, state.tracker
-        if entry is None:
-            entry = await self._history_with_retry(run.prompt_id)
-        if entry is not None:
-            tracker.on_history(entry)
-        if tracker.error is not None:
-            error = comfy_errors.from_execution_error(tracker.error)
-            if error.error_type == "oom":
-                self.needs_free = True
-            result = self._result(state, "failed", error=error)
-        elif tracker.interrupted is not None or (state.stop_reason and not tracker.succeeded):
-            result = self._stopped_result(state)
-        elif tracker.succeeded or entry is not None:
-            try:
-                outputs = await collect_outputs(self.client, tracker.output_list(), self.outputs_dir,
-                                                local=self.config.shared_outputs)
-            except (BackendUnreachable, BackendError, OSError) as exc:
-                result = self._result(state, "failed", error=JobError(
-                    error_type="internal", message=f"the outputs could not be collected: {exc}"))
-            else:
-                result = self._result(state, "completed", outputs=tuple(outputs))
-        else:
-            result = self._result(state, "failed", error=JobError(
-                error_type="backend_lost", message="ComfyUI ended the prompt without a result"), retry=True)
-        await self.send(Done(prompt_id=run.prompt_id, result=result))
-
-    async def _history_with_retry(self, prompt_id: str, attempts: int = 20) -> dict[str, Any] | None:
-        delay = 0.01
-        for _ in range(attempts):
-            try:
-                entry = await self.client.history(prompt_id)
-            except (BackendUnreachable, BackendError):
-                entry = None
-            if entry is not None:
-                return entry
-            await asyncio.sleep(delay)  # ComfyUI writes history just after the socket says so
-            delay = min(delay * 2, 0.5)
-        return None
-
-    def _stopped_result(self, state: RunState) -> JobFinished:
-        if state.stop_reason == "timeout":
-            return self._result(state, "failed", error=JobError(
-                error_type="timeout", message=f"the job ran longer than its timeout of {state.run.timeout:g}s "
-                                              "and was interrupted"))
-        if state.stop_reason == "cancel":
-            return self._result(state, "cancelled")
-        node = (state.tracker.interrupted or {}).get("node_type")
-        return self._result(state, "failed", error=JobError(
-            error_type="internal", message=f"the prompt was interrupted on the backend by someone else"
-                                           f"{f' at {node}' if node else ''}"))
-
-    def _result(self, state: RunState, status: str, *, outputs: tuple = (), error: JobError | None = None,
-                retry: bool = False) -> JobFinished:
-        return JobFinished(workflow_id=state.run.workflow_id, backend=self.config.name, status=status,  # type: ignore[arg-type]
-                           outputs=outputs, error=error, retry=retry)
+        result, oom = await conclude(self.client, state, self.config, self.outputs_dir, entry)
+        if oom:
+            self.needs_free = True
+        await self.send(Done(prompt_id=state.run.prompt_id, result=result))
 
     def _finish(self, prompt_id: str, status: str, *, error: JobError | None = None, retry: bool = False) -> None:
         state = self.runs.get(prompt_id)
         if state is not None:
-            self._done(Done(prompt_id=prompt_id, result=self._result(state, status, error=error, retry=retry)))
+            self._done(Done(prompt_id=prompt_id, result=job_result(state, self.config.name, status, error=error, retry=retry)))
 
     def _done(self, message: Done) -> None:
         state = self.runs.pop(message.prompt_id, None)
@@ -393,61 +280,27 @@ class Executor(Actor[Message]):
             self._ask_comfyui_to_stop(state)
 
     def _ask_comfyui_to_stop(self, state: RunState) -> None:
-        self.spawn(self._stop_in_comfyui(state.run.prompt_id), name=f"{self.name}:stop")
-
-    async def _stop_in_comfyui(self, prompt_id: str) -> None:
-        """Waiting inside ComfyUI: delete it there. Running: interrupt that prompt only."""
-        try:
-            running, pending = await self.client.queue()
-            if prompt_id in pending:
-                await self.client.delete_pending([prompt_id])
-                running, pending = await self.client.queue()
-            if prompt_id in running:
-                await self.client.interrupt(prompt_id)
-                return  # execution_interrupted, then executing null, ends it
-            await self.send(Checked(prompt_id=prompt_id, where="pending" if prompt_id in pending else "gone"))
-        except (BackendUnreachable, BackendError) as exc:
-            log.warning("comfyui_stop_failed", backend=self.config.name, prompt_id=prompt_id, error=str(exc))
+        state.stop_asks += 1
+        self.spawn(self._ask(probe.stop, state.run.prompt_id), name=f"{self.name}:stop")
 
     def _withdraw(self, workflow_id: str) -> None:
         """Outranked while waiting inside ComfyUI: take it back so a more urgent job can go first."""
         state = self.runs.get(self.by_workflow.get(workflow_id, ""))
         if state is None or state.started or state.finishing or state.stop_reason or not state.posted:
             return
-        self.spawn(self._take_back(state.run.prompt_id), name=f"{self.name}:withdraw")
-
-    async def _take_back(self, prompt_id: str) -> None:
-        try:
-            _, pending = await self.client.queue()
-            if prompt_id not in pending:
-                return
-            await self.client.delete_pending([prompt_id])
-            running, pending = await self.client.queue()
-        except (BackendUnreachable, BackendError):
-            return
-        if prompt_id not in running and prompt_id not in pending:
-            await self.send(Checked(prompt_id=prompt_id, where="withdrawn"))
+        self.spawn(self._ask(probe.take_back, state.run.prompt_id), name=f"{self.name}:withdraw")
 
     # -- reconciliation ------------------------------------------------------------------------------------
     def _check(self, state: RunState) -> None:
         if state.checking or state.finishing:
             return
         state.checking = True
-        self.spawn(self._where_is(state.run.prompt_id), name=f"{self.name}:check")
+        self.spawn(self._ask(probe.where_is, state.run.prompt_id), name=f"{self.name}:check")
 
-    async def _where_is(self, prompt_id: str) -> None:
-        try:
-            entry = await self.client.history(prompt_id)
-            if entry is not None:
-                where = "history"
-            else:
-                running, pending = await self.client.queue()
-                where = "running" if prompt_id in running else "pending" if prompt_id in pending else "unknown"
-                if where == "unknown":  # it may have finished between the two calls
-                    entry = await self.client.history(prompt_id)
-                    where = "history" if entry is not None else "unknown"
-        except (BackendUnreachable, BackendError):
-            where, entry = "unreachable", None
+    async def _ask(self, question: Any, prompt_id: str) -> None:
+        """Run one of ``comfy.probe``'s questions in a child task; its answer comes back as ``Checked``."""
+        answer = await question(self.client, prompt_id)
+        where, entry = answer if isinstance(answer, tuple) else (answer, None)
         await self.send(Checked(prompt_id=prompt_id, where=where, entry=entry))
 
     def _checked(self, message: Checked) -> None:
@@ -464,21 +317,21 @@ class Executor(Actor[Message]):
             case "running" | "pending":
                 if message.where == "running":
                     self._started(state, int(time.time() * 1000))
-                if state.stop_reason is not None:
+                if state.stop_reason is not None and state.stop_asks < 3:
                     self._ask_comfyui_to_stop(state)
             case "withdrawn":
                 if not state.started and not state.finishing:
                     self._return(state, "outranked while waiting inside ComfyUI")
             case "gone" if state.stop_reason is not None:
-                self._done(Done(prompt_id=message.prompt_id, result=self._stopped_result(state)))
+                self._done(Done(prompt_id=message.prompt_id, result=stopped_result(state, self.config.name)))
             case "unknown" | "gone":
                 self._lost(state)
-            case "unreachable":
-                pass  # the socket's reconnect loop will bring us back here
+            case "unreachable" | "interrupting" | "running-or-gone":
+                pass  # the socket (or the reconnect that follows) brings the rest
 
     def _lost(self, state: RunState) -> None:
         if state.stop_reason is not None:
-            self._done(Done(prompt_id=state.run.prompt_id, result=self._stopped_result(state)))
+            self._done(Done(prompt_id=state.run.prompt_id, result=stopped_result(state, self.config.name)))
         elif state.run.reattach and not state.started and not state.tracker.finished:
             # Recovered job that ComfyUI never saw (or lost before it started): post it now, same attempt.
             state.run = Run(**{**{f: getattr(state.run, f) for f in state.run.__struct_fields__}, "reattach": False})
@@ -504,7 +357,7 @@ class Executor(Actor[Message]):
                 continue
             if state.stop_reason is not None and now - state.stop_asked_at > self.cancel_grace:
                 log.warning("comfyui_stop_unconfirmed", backend=self.config.name, workflow_id=state.run.workflow_id)
-                self._done(Done(prompt_id=state.run.prompt_id, result=self._stopped_result(state)))
+                self._done(Done(prompt_id=state.run.prompt_id, result=stopped_result(state, self.config.name)))
             elif now - state.last_heard > self.config.silence_seconds:
                 self._check(state)
 
@@ -523,9 +376,6 @@ class Executor(Actor[Message]):
             await self.send(CatalogueLoaded(object_info=await self.client.object_info()))
         except (BackendUnreachable, BackendError) as exc:
             log.warning("comfyui_object_info_failed", backend=self.config.name, error=str(exc))
-
-    def _disconnected(self, reason: str) -> None:
-        self._mark_down(reason)
 
     def _mark_down(self, reason: str) -> None:
         self.last_error = reason

@@ -18,9 +18,24 @@ import structlog
 from comfyd import events
 from comfyd.actors.base import Actor
 from comfyd.actors.pending import PendingQueue
-from comfyd.messages import (AddBackend, BackendState, CancelJob, Enqueue, Interrupt, JobError, JobFinished,
-                             JobProgress, JobStarted, Message, QueuePosition, Returned, Run, SchedulerSnapshot,
-                             StopIntake, Withdraw)
+from comfyd.messages import (
+    AddBackend,
+    BackendState,
+    CancelJob,
+    Enqueue,
+    Interrupt,
+    JobError,
+    JobFinished,
+    JobProgress,
+    JobStarted,
+    Message,
+    QueuePosition,
+    Returned,
+    Run,
+    SchedulerSnapshot,
+    StopIntake,
+    Withdraw,
+)
 from comfyd.metrics import Metrics
 from comfyd.store.db import now_ms
 from comfyd.store.jobs import JobStore

@@ -28,6 +28,33 @@ class PromptTracker:
         self._progress = 0.0
 
     # -- frames --------------------------------------------------------------------------------------------
+    def apply(self, frame_type: str, data: dict[str, Any]) -> str | None:
+        """Fold one frame of this prompt in. Returns "start" when execution has begun, "end" on
+        ``executing {node: null}`` (the prompt is over and its history entry is readable)."""
+        match frame_type:
+            case "execution_start":
+                return "start"
+            case "execution_cached":
+                self.on_cached(data.get("nodes") or [])
+            case "executing":
+                if data.get("node") is None:
+                    return "end"
+                self.on_executing(data["node"])
+                return "start"
+            case "progress_state":
+                self.on_progress_state(data.get("nodes") or {})
+            case "progress":
+                self.on_progress(data.get("node"), data.get("value", 0), data.get("max", 1))
+            case "executed":
+                self.on_executed(data.get("node"), data.get("output"))
+            case "execution_success":
+                self.succeeded = True
+            case "execution_error":
+                self.error = data
+            case "execution_interrupted":
+                self.interrupted = data
+        return None
+
     def on_cached(self, nodes: list[str]) -> None:
         self.cached.update(str(n) for n in nodes)
 

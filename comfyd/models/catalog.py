@@ -19,7 +19,12 @@ import structlog
 
 from comfyd.models import hashing
 from comfyd.models.cache import GET_HASHES_BATCH, HashCache
-from comfyd.models.hashing import DEFAULT_CHUNK_SIZE, FileChanged, FileHash, HashCancelled
+from comfyd.models.hashing import (
+    DEFAULT_CHUNK_SIZE,
+    FileChanged,
+    FileHash,
+    HashCancelled,
+)
 from comfyd.models.remote import DEFAULT_REMOTE_TIMEOUT, remote_model_entries
 from comfyd.models.scan import MODEL_TYPES, ModelFile, scan_models
 

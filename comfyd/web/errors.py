@@ -37,7 +37,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except (MailboxFull, ActorStopped, asyncio.TimeoutError) as exc:
         return error_response(503, "Service Unavailable", f"comfyd is overloaded or stopping: {exc}",
                               headers={"Retry-After": "1"})
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
         limit = request.app[SERVICE].config.server.max_body_bytes
         return error_response(413, "Payload Too Large", f"the body is larger than the limit of {limit} bytes",
                               field="body", limit=limit)

@@ -13,12 +13,12 @@ from aiohttp import web
 from comfyd.actors.pending import rank_for
 from comfyd.actors.scheduler import CancelOutcome
 from comfyd.errors import BadRequest, Conflict, NotFound, Unavailable
+from comfyd.events import output_view
 from comfyd.messages import TERMINAL, CancelJob, Enqueue
 from comfyd.store.db import now_ms
 from comfyd.store.jobs import JobRecord
 from comfyd.web.keys import SERVICE
 from comfyd.workflow import decode_submit, prefix_outputs
-from comfyd.events import output_view
 
 routes = web.RouteTableDef()
 ASK_TIMEOUT = 10.0

@@ -1,0 +1,76 @@
+"""The executor's private messages (results of its child tasks and of its socket) and its per-run state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from comfyd.comfy.connection import Frame
+from comfyd.comfy.tracker import PromptTracker
+from comfyd.messages import JobError, JobFinished, Message, Run
+
+
+class Connected(Message, frozen=True):
+    pass
+
+
+class Disconnected(Message, frozen=True):
+    reason: str
+
+
+class FrameIn(Message, frozen=True):
+    frame: Frame
+
+
+class Posted(Message, frozen=True):
+    prompt_id: str
+
+
+class Rejected(Message, frozen=True):
+    prompt_id: str
+    error: JobError
+
+
+class Unreachable(Message, frozen=True):
+    prompt_id: str
+    reason: str
+
+
+class Checked(Message, frozen=True):
+    """Result of asking ComfyUI about a prompt: where it is now."""
+
+    prompt_id: str
+    where: str  # "history" | "running" | "pending" | "unknown" | "unreachable"
+    entry: dict[str, Any] | None = None
+
+
+class Done(Message, frozen=True):
+    prompt_id: str
+    result: JobFinished
+
+
+class Tick(Message, frozen=True):
+    pass
+
+
+class CatalogueLoaded(Message, frozen=True):
+    object_info: dict[str, Any]
+
+
+@dataclass(slots=True)
+class RunState:
+    run: Run
+    tracker: PromptTracker
+    posted: bool = False
+    started: bool = False
+    finishing: bool = False
+    checking: bool = False
+    stop_reason: str | None = None  # "cancel" | "timeout" once asked to stop
+    stop_asked_at: float = 0.0
+    stop_asks: int = 0
+    last_heard: float = field(default_factory=time.monotonic)
+    reported_progress: float = -1.0
+    reported_node: str | None = None
+    timer: asyncio.TimerHandle | None = None
