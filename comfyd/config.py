@@ -53,6 +53,13 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_attempts: int = 2  # a job lost with its backend is re-queued until it has run this often
     default_timeout: float = 0.0  # seconds per job; 0 = none
     max_queued: int = 1_000_000
+    backend_wait: float = 600.0  # queued jobs fail backend_unavailable when no backend of their pool is up this long
+
+
+class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    days: float = 30.0  # finished jobs older than this are pruned (their output files are kept)
+    max_finished: int = 1_000_000  # and no more than this many finished jobs are kept
+    interval_seconds: float = 600.0
 
 
 class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -77,6 +84,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     backends: list[BackendConfig] = []
 
     # -- derived paths -----------------------------------------------------------------------------------

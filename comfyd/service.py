@@ -16,6 +16,7 @@ import structlog
 
 from comfyd.actors.broadcaster import Broadcaster
 from comfyd.actors.executor import Executor
+from comfyd.actors.janitor import Janitor
 from comfyd.actors.scheduler import Scheduler
 from comfyd.actors.supervisor import Supervisor
 from comfyd.config import BackendConfig, Config
@@ -41,8 +42,10 @@ class Service:
         self.supervisor = Supervisor()
         self.broadcaster = Broadcaster(self.metrics)
         self.scheduler = Scheduler(self.jobs, self.broadcaster.publish, self.metrics,
-                                   max_attempts=config.scheduler.max_attempts)
+                                   max_attempts=config.scheduler.max_attempts,
+                                   backend_wait=config.scheduler.backend_wait)
         self.executors: dict[str, Executor] = {}
+        self.janitor = Janitor(self.db, config.retention)
         self.models = ModelCatalog(config.models_dir, SqliteHashCache(self.db))
         self.reconnect_min = reconnect_min
         self.cancel_wait = cancel_wait
@@ -88,6 +91,7 @@ class Service:
         for executor in self.executors.values():
             self.supervisor.start(executor)
         await self.models.start()
+        self.supervisor.start(self.janitor)
         self.accepting = True
         log.info("service_started", backends=len(self.executors), db=str(self.config.db_path),
                  outputs=str(self.config.outputs_dir))
@@ -123,6 +127,7 @@ class Service:
 
     async def stop(self) -> None:
         self.accepting = False
+        await self.janitor.stop(10)
         await self.models.stop()
         self.supervisor._stopping = True  # noqa: SLF001 - stops below are not crashes
         for executor in self.executors.values():

@@ -127,3 +127,11 @@ async def _until(predicate, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0)
+
+
+async def test_no_backend_of_the_pool_up_fails_backend_unavailable(comfyd_factory) -> None:
+    comfyd: Comfyd = await comfyd_factory(["http://127.0.0.1:9"], backend_wait=0.2)  # nothing listens there
+    workflow_id = await comfyd.submit(quick(8))
+    end = await comfyd.wait_end(workflow_id)
+    assert end["type"] == "workflow:error" and end["errorType"] == "backend_unavailable"
+    assert "local" in end["error"]

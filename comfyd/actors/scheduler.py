@@ -8,6 +8,7 @@ store before anyone hears of it: events and metrics follow the commit, never pre
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,10 @@ class Dispatched(Message, frozen=True):
     created_at: int
 
 
+class Tick(Message, frozen=True):
+    """Private: periodic checks (pools without any backend up)."""
+
+
 class CancelOutcome(msgspec.Struct, frozen=True):
     status: str | None  # the job's status after the cancel, None if the scheduler does not hold the job
 
@@ -89,12 +94,14 @@ class Scheduler(Actor[Message]):
     mailbox_size = 10_000
 
     def __init__(self, jobs: JobStore, publish: Callable[[events.WorkflowEvent], None], metrics: Metrics, *,
-                 max_attempts: int = 2) -> None:
+                 max_attempts: int = 2, backend_wait: float = 600.0) -> None:
         super().__init__("scheduler")
         self.jobs = jobs
         self.publish = publish
         self.metrics = metrics
         self.max_attempts = max_attempts
+        self.backend_wait = backend_wait
+        self.pool_down_since: dict[str, float] = {}
         self.pending = PendingQueue()
         self.active: dict[str, ActiveJob] = {}
         self.backends: dict[str, Backend] = {}
@@ -131,6 +138,9 @@ class Scheduler(Actor[Message]):
             else:
                 self.pending.push(row["id"], row["pool"], row["rank"], row["seq"])
         self._update_gauges()
+        now = time.monotonic()
+        self.pool_down_since = {b.pool: now for b in self.backends.values()}
+        self.spawn(self._ticker(), name="scheduler:ticker")
         log.info("scheduler_recovered", queued=len(self.pending), reattaching=reattached)
         self.recovered.set()
 
@@ -161,6 +171,8 @@ class Scheduler(Actor[Message]):
                 raise TypeError("AddBackend needs the executor: use add_backend from the composition root")
             case StopIntake():
                 self.intake_open = False
+            case Tick():
+                self._fail_unserved_pools()
             case _:
                 raise TypeError(f"scheduler cannot handle {type(message).__name__}")
         self._dispatch()
@@ -300,9 +312,35 @@ class Scheduler(Actor[Message]):
         if backend is None or backend.up == msg.up:
             return
         backend.up = msg.up
+        if any(b.up for b in self.backends.values() if b.pool == backend.pool):
+            self.pool_down_since.pop(backend.pool, None)
+        else:
+            self.pool_down_since.setdefault(backend.pool, time.monotonic())
         self.metrics.backend_up.labels(backend=backend.name, pool=backend.pool).set(1 if msg.up else 0)
         log.info("backend_up" if msg.up else "backend_down", backend=backend.name, pool=backend.pool,
                  error=msg.error)
+
+    async def _ticker(self) -> None:
+        interval = max(0.05, min(self.backend_wait / 4, 5.0))
+        while True:
+            await asyncio.sleep(interval)  # periodic check; cancelled with the actor
+            await self.send(Tick())
+
+    def _fail_unserved_pools(self) -> None:
+        now = time.monotonic()
+        for pool, since in list(self.pool_down_since.items()):
+            if now - since < self.backend_wait:
+                continue
+            while (workflow_id := self.pending.pop(pool)) is not None:
+                error = JobError(error_type="backend_unavailable",
+                                 message=f"no backend of pool {pool!r} has been up for {now - since:.0f}s "
+                                         f"(scheduler.backend_wait = {self.backend_wait:g}s)")
+                done = self.jobs.db.write([self.jobs.finish(workflow_id, status="failed", completed_at=now_ms(),
+                                                            error=error)])
+                self.metrics.workflow_errors.labels(error_type=error.error_type).inc()
+                self._announce(done, events.error_event(workflow_id, error), status="failed",
+                               workflow_id=workflow_id, error_type=error.error_type)
+        self._update_gauges()
 
     # -- dispatch ------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
