@@ -49,7 +49,8 @@ class Service:
         self.models = ModelCatalog(config.models_dir, SqliteHashCache(self.db))
         self.reconnect_min = reconnect_min
         self.cancel_wait = cancel_wait
-        self.stream_queue_size = 256
+        self.stream_queue_size = 1024
+        self.stream_max_backlog = 4 * 1024 * 1024
         self.accepting = False
         self.session: aiohttp.ClientSession | None = None
         self._seq = itertools.count(1)

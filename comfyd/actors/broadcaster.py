@@ -1,13 +1,19 @@
 """Fan events out to WebSocket clients, each through its own bounded queue.
 
-An event is encoded once; the same bytes go to every interested client. A client whose queue is full is
-closed (1013, "too slow") rather than allowed to slow the others or the scheduler: the broadcaster never
-awaits a socket. Each client's writer task drains its own queue.
+An event is encoded once; the same bytes go to every interested client. The broadcaster never awaits a
+socket: each client's writer task drains its own queue. A client is closed (1013, "too slow") rather than
+allowed to slow the others or the scheduler when its queue is full, or when more than ``max_backlog``
+bytes sent to it sit unacknowledged (the kernel's send queue plus the transport's buffer): a reader that
+stopped reading is found after a bounded amount of data, whatever the kernel's buffers would absorb.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import struct
+import termios
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +34,12 @@ class Publish(Message, frozen=True):
     event: events.WorkflowEvent
 
 
+class DropClient(Message, frozen=True):
+    """A client's writer found it too far behind."""
+
+    client: object
+
+
 class PublishRaw(Message, frozen=True):
     """A non-workflow event (backend/gpu) for clients that asked for ``topic``."""
 
@@ -41,6 +53,8 @@ class StreamClient:
     queue_size: int = 256
     subscriptions: set[str] = field(default_factory=set)  # empty: every workflow
     topics: set[str] = field(default_factory=set)  # "backend", "gpu"
+    max_backlog: int = 4 * 1024 * 1024
+    on_lagging: Callable[[StreamClient], None] | None = None
     queue: asyncio.Queue[bytes | None] = field(init=False)
     dropped: bool = False
 
@@ -64,6 +78,24 @@ class StreamClient:
                 await self.ws.send_frame(data, WSMsgType.TEXT)
             except (ConnectionError, RuntimeError):
                 return
+            if self.backlog() > self.max_backlog:
+                if self.on_lagging is not None:
+                    self.on_lagging(self)
+                return
+
+    def backlog(self) -> int:
+        """Bytes written to this client that it has not acknowledged yet."""
+        transport = self.ws._req.transport if self.ws._req is not None else None  # noqa: SLF001
+        if transport is None:
+            return 0
+        pending = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                pending += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                pass
+        return pending
 
 
 class Broadcaster(Actor[Message]):
@@ -75,12 +107,19 @@ class Broadcaster(Actor[Message]):
         self.clients: set[StreamClient] = set()
 
     def register(self, client: StreamClient) -> None:
+        client.on_lagging = self._lagging
         self.clients.add(client)
         self.metrics.ws_clients.set(len(self.clients))
 
     def unregister(self, client: StreamClient) -> None:
         self.clients.discard(client)
         self.metrics.ws_clients.set(len(self.clients))
+
+    def _lagging(self, client: StreamClient) -> None:
+        try:
+            self.tell(DropClient(client=client))
+        except Exception:  # stopping: it is closed with everyone else
+            pass
 
     def publish(self, event: events.WorkflowEvent) -> None:
         try:
@@ -97,6 +136,9 @@ class Broadcaster(Actor[Message]):
                 for client in list(self.clients):
                     if client.wants(workflow_id) and not client.offer(data):
                         self._drop(client)
+            case DropClient():
+                if message.client in self.clients:
+                    self._drop(message.client)  # type: ignore[arg-type]
             case PublishRaw():
                 for client in list(self.clients):
                     if message.topic in client.topics and not client.offer(message.payload):

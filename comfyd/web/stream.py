@@ -40,7 +40,7 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
     service = request.app[SERVICE]
     ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=64 * 1024)
     await ws.prepare(request)
-    client = StreamClient(ws, queue_size=service.stream_queue_size)
+    client = StreamClient(ws, queue_size=service.stream_queue_size, max_backlog=service.stream_max_backlog)
     service.broadcaster.register(client)
     writer = asyncio.create_task(client.write_loop(), name="stream:writer")
     try:
