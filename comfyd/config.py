@@ -195,7 +195,10 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> None:
     if fmt := env.get("COMFYD_LOG_FORMAT"):
         config.logging.format = fmt  # type: ignore[assignment]
     if drain := env.get("COMFYD_DRAIN_SECONDS"):
-        config.server.drain_seconds = float(drain)
+        try:
+            config.server.drain_seconds = float(drain)
+        except ValueError:
+            raise ConfigError(f"COMFYD_DRAIN_SECONDS must be a number of seconds, not {drain!r}") from None
 
 
 def _finish_backends(config: Config) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 import aiohttp
 import structlog
 
-from comfyd.actors.broadcaster import Broadcaster
+from comfyd.actors.broadcaster import Broadcaster, PublishRaw
 from comfyd.actors.executor import Executor
+from comfyd.actors.gpu_monitor import GpuMonitor
 from comfyd.actors.janitor import Janitor
 from comfyd.actors.scheduler import Scheduler
 from comfyd.actors.supervisor import Supervisor
@@ -46,6 +47,7 @@ class Service:
                                    backend_wait=config.scheduler.backend_wait)
         self.executors: dict[str, Executor] = {}
         self.janitor = Janitor(self.db, config.retention)
+        self.gpu_monitor: GpuMonitor | None = None
         self.models = ModelCatalog(config.models_dir, SqliteHashCache(self.db))
         self.reconnect_min = reconnect_min
         self.cancel_wait = cancel_wait
@@ -87,6 +89,10 @@ class Service:
         self.supervisor.start(self.broadcaster)
         for backend in self.config.backends:
             self._add_executor(backend)
+        self.gpu_monitor = GpuMonitor(
+            self.metrics, self._publish_raw,
+            [(name, executor.client, executor.config.pool) for name, executor in self.executors.items()])
+        self.supervisor.start(self.gpu_monitor)
         self.supervisor.start(self.scheduler)
         await asyncio.wait_for(self.scheduler.recovered.wait(), 60)
         for executor in self.executors.values():
@@ -96,6 +102,12 @@ class Service:
         self.accepting = True
         log.info("service_started", backends=len(self.executors), db=str(self.config.db_path),
                  outputs=str(self.config.outputs_dir))
+
+    def _publish_raw(self, topic: str, payload: bytes) -> None:
+        try:
+            self.broadcaster.tell(PublishRaw(topic=topic, payload=payload))
+        except Exception:  # telemetry must never break its source
+            self.metrics.ws_dropped.labels(reason="broadcaster_busy").inc()
 
     def _add_executor(self, backend: BackendConfig) -> Executor:
         assert self.session is not None
@@ -134,6 +146,8 @@ class Service:
         for executor in self.executors.values():
             await executor.stop(10)
         await self.scheduler.stop(10)
+        if self.gpu_monitor is not None:
+            await self.gpu_monitor.stop(5)
         await self.broadcaster.stop(10)
         if self.session is not None:
             await self.session.close()

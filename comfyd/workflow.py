@@ -62,6 +62,10 @@ def check_workflow(workflow: dict[str, Any]) -> None:
         if not isinstance(node.get("inputs"), dict):
             raise BadRequest(f"node {node_id} ({node['class_type']}) has no inputs object",
                              field=f"{where}.inputs")
+        prefix = node["inputs"].get("filename_prefix")
+        if isinstance(prefix, str) and ".." in prefix.replace("\\", "/").split("/"):
+            raise BadRequest(f"node {node_id}: filename_prefix may not contain '..' (files stay in the outputs "
+                             "folder)", field=f"{where}.inputs.filename_prefix")
 
 
 def prefix_outputs(workflow: dict[str, Any], workflow_id: str) -> dict[str, Any]:

@@ -92,7 +92,10 @@ class Actor(Generic[M]):
         try:
             self._mailbox.put_nowait(Envelope(_STOP))
         except asyncio.QueueFull:
+            log.warning("actor_stop_mailbox_full", actor=self.name)
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout)
         except asyncio.TimeoutError:
@@ -174,17 +177,19 @@ class Actor(Generic[M]):
             return  # the caller has gone (timed out or cancelled): don't answer a question nobody waits for
         try:
             result = await self.handle(envelope.message)
+        except asyncio.CancelledError:
+            if reply_to is not None and not reply_to.done():
+                reply_to.set_exception(ActorStopped(f"{self.name} stopped while answering"))
+            raise
         except Exception as exc:
             if reply_to is None:
                 log.exception("actor_tell_failed", actor=self.name, message=type(envelope.message).__name__)
             elif not reply_to.done():
                 reply_to.set_exception(exc)
             return
-        if reply_to is None:
-            return
         if isinstance(result, Awaitable):
-            _chain(result, reply_to)
-        elif not reply_to.done():
+            _chain(result, reply_to, self.name)
+        elif reply_to is not None and not reply_to.done():
             reply_to.set_result(result)
 
     async def _cancel_children(self) -> None:
@@ -204,15 +209,21 @@ class Actor(Generic[M]):
                 envelope.reply_to.set_exception(ActorStopped(f"{self.name} stopped"))
 
 
-def _chain(awaitable: Awaitable[Any], reply_to: asyncio.Future[Any]) -> None:
+def _chain(awaitable: Awaitable[Any], reply_to: asyncio.Future[Any] | None, actor: str) -> None:
+    """Resolve ``reply_to`` with what ``awaitable`` yields; for a tell (no reply), log its failure."""
     future = asyncio.ensure_future(awaitable)
 
     def copy(done: asyncio.Future[Any]) -> None:
+        exc = None if done.cancelled() else done.exception()  # always retrieved: no "never retrieved" noise
+        if reply_to is None:
+            if exc is not None:
+                log.error("actor_tell_failed", actor=actor, error=repr(exc), exc_info=exc)
+            return
         if reply_to.done():
             return
         if done.cancelled():
             reply_to.cancel()
-        elif (exc := done.exception()) is not None:
+        elif exc is not None:
             reply_to.set_exception(exc)
         else:
             reply_to.set_result(done.result())

@@ -126,14 +126,14 @@ class Database:
         assert self._writer is not None
         try:
             await self._run_transaction(self._writer, [s for w in batch for s in w.statements])
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OverflowError, ValueError) as exc:
             if len(batch) == 1:
                 _settle(batch[0], _storage_error(exc))
                 return
             for item in batch:  # isolate the bad write: each caller on its own
                 try:
                     await self._run_transaction(self._writer, item.statements)
-                except sqlite3.Error as one:
+                except (sqlite3.Error, OverflowError, ValueError) as one:
                     _settle(item, _storage_error(one))
                 else:
                     _settle(item, None)
@@ -193,7 +193,9 @@ def _settle(item: _Write, error: Exception | None) -> None:
         item.future.set_exception(error)
 
 
-def _storage_error(exc: sqlite3.Error) -> Exception:
+def _storage_error(exc: Exception) -> Exception:
+    if not isinstance(exc, sqlite3.Error):
+        return exc  # a value SQLite cannot hold: the caller's mistake
     text = str(exc)
     if isinstance(exc, sqlite3.IntegrityError):
         return exc  # a caller's own mistake (duplicate key): let it map the error itself

@@ -19,8 +19,10 @@ def encode_cursor(created_at: int, row_id: int) -> str:
 def decode_cursor(cursor: str) -> tuple[int, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created_at, row_id = raw.split(":")
-        return int(created_at), int(row_id)
+        created_at, row_id = (int(part) for part in raw.split(":"))
+        if not (0 <= created_at < 2**63 and 0 <= row_id < 2**63):
+            raise ValueError("out of range")
+        return created_at, row_id
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("cursor is not one this server gave out", field="cursor") from None
 

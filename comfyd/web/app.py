@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from comfyd.web import models, outputs, stream, system, workflows
+from comfyd.web import gpus, jobs_list, models, outputs, stream, system, workflows
 from comfyd.web.auth import auth_middleware
 from comfyd.web.errors import error_middleware
 from comfyd.web.keys import SERVICE
@@ -23,6 +23,7 @@ def create_app(service) -> web.Application:  # type: ignore[no-untyped-def]
         ],
     )
     app[SERVICE] = service
-    for table in (system.routes, workflows.routes, outputs.routes, models.routes, stream.routes):
+    for table in (system.routes, workflows.routes, jobs_list.routes, outputs.routes, models.routes, stream.routes,
+                  gpus.routes):
         app.add_routes(table)
     return app

@@ -19,6 +19,8 @@ ENDPOINTS = {
         "listOutputs": "GET /v1/comfyui/outputs",
         "getOutput": "GET /v1/comfyui/output/:filename",
         "listBackends": "GET /v1/comfyui/backends",
+        "listGpus": "GET /v1/comfyui/gpus",
+        "listWorkflows": "GET /v1/comfyui/workflows",
         "stream": "WS /v1/comfyui/stream",
     },
     "services": {"register": "POST /v1/services/register"},
