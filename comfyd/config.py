@@ -46,6 +46,7 @@ class PathsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data_dir: str = ""
     outputs: str = ""  # ComfyUI's output folder when it shares this disk (COMFYUI_OUTPUTS)
     models: str = ""  # ComfyUI's models folder (COMFYUI_MODELS)
+    outputs_rescan_seconds: float = 300.0  # how often files that arrived by other means are indexed
 
 
 class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -17,6 +17,7 @@ import structlog
 from comfyd.actors.broadcaster import Broadcaster, PublishRaw
 from comfyd.actors.executor import Executor
 from comfyd.actors.gpu_monitor import GpuMonitor
+from comfyd.actors.indexer import OutputIndexer
 from comfyd.actors.janitor import Janitor
 from comfyd.actors.scheduler import Scheduler
 from comfyd.actors.supervisor import Supervisor
@@ -48,6 +49,7 @@ class Service:
         self.executors: dict[str, Executor] = {}
         self.janitor = Janitor(self.db, config.retention)
         self.gpu_monitor: GpuMonitor | None = None
+        self.indexer = OutputIndexer(self.db, config.outputs_dir, interval=config.paths.outputs_rescan_seconds)
         self.models = ModelCatalog(config.models_dir, SqliteHashCache(self.db))
         self.reconnect_min = reconnect_min
         self.cancel_wait = cancel_wait
@@ -99,6 +101,7 @@ class Service:
             self.supervisor.start(executor)
         await self.models.start()
         self.supervisor.start(self.janitor)
+        self.supervisor.start(self.indexer)
         self.accepting = True
         log.info("service_started", backends=len(self.executors), db=str(self.config.db_path),
                  outputs=str(self.config.outputs_dir))
@@ -141,6 +144,7 @@ class Service:
     async def stop(self) -> None:
         self.accepting = False
         await self.janitor.stop(10)
+        await self.indexer.stop(10)
         await self.models.stop()
         self.supervisor._stopping = True  # noqa: SLF001 - stops below are not crashes
         for executor in self.executors.values():

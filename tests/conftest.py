@@ -29,10 +29,12 @@ async def comfyd_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitabl
     started: list[Comfyd] = []
 
     async def make(backends: list[StandInComfyUI] | list[str], *, outputs: Path | None = None,
-                   **scheduler: Any) -> Comfyd:
+                   models: Path | None = None, **scheduler: Any) -> Comfyd:
         urls = [b if isinstance(b, str) else b.url for b in backends]
         config = make_config(tmp_path, urls, **scheduler)
         first = backends[0] if backends else None
+        if models is not None:
+            config.paths.models = str(models)
         if outputs is not None:
             config.paths.outputs = str(outputs)
         elif isinstance(first, StandInComfyUI):
@@ -48,6 +50,4 @@ async def comfyd_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitabl
 
 @pytest.fixture
 async def comfyd(standin: StandInComfyUI, comfyd_factory: Callable[..., Awaitable[Comfyd]]) -> Comfyd:
-    app = await comfyd_factory([standin])
-    await app.service.scheduler.ask_snapshot() if False else None
-    return app
+    return await comfyd_factory([standin])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from comfyd.errors import BadRequest
-from comfyd.outputs.files import resolve_inside
+import asyncio
+
+from comfyd.errors import BadRequest, NotFound
+from comfyd.outputs.files import resolve_inside, safe_relpath
 from comfyd.web.keys import SERVICE
 
 routes = web.RouteTableDef()
@@ -42,3 +44,21 @@ async def download(request: web.Request) -> web.StreamResponse:
     # FileResponse answers Range (206), If-None-Match/ETag and If-Modified-Since, and sends from the kernel.
     return web.FileResponse(path, headers={"Cache-Control": "private, max-age=3600",
                                            "X-Content-Type-Options": "nosniff"})
+
+
+@routes.delete("/v1/comfyui/outputs/{filename:.+}")
+async def delete_output(request: web.Request) -> web.Response:
+    """Remove an output file and its index entry."""
+    service = request.app[SERVICE]
+    relpath = safe_relpath(request.match_info["filename"])
+    try:
+        path = resolve_inside(service.config.outputs_dir, relpath)
+    except NotFound:
+        path = None
+    row = await service.db.fetchone("SELECT 1 FROM outputs WHERE path = ?", (relpath,))
+    if path is None and row is None:
+        raise NotFound(f"output {relpath} not found")
+    if path is not None:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+    await service.outputs.delete(relpath)
+    return web.json_response({"filename": relpath, "deleted": True})
