@@ -8,12 +8,20 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 
-from comfyd.client.options import (EXIT_CONFLICT, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_UNAUTHORIZED,
-                                   EXIT_UNREACHABLE, EXIT_USAGE, CliError, Settings)
+from comfyd.client.options import (
+    EXIT_CONFLICT,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_UNAUTHORIZED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    CliError,
+    Settings,
+)
 
 _STATUS_CODES = {400: EXIT_USAGE, 401: EXIT_UNAUTHORIZED, 403: EXIT_UNAUTHORIZED, 404: EXIT_NOT_FOUND,
                  409: EXIT_CONFLICT, 413: EXIT_USAGE}
@@ -44,7 +52,7 @@ class Api:
         self.headers = {"X-API-Key": settings.api_key} if settings.api_key else {}
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> Api:
+    async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(headers=self.headers)
         return self
 

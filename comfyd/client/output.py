@@ -77,7 +77,7 @@ def human_size(size: int | None) -> str:
 
 
 def human_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:

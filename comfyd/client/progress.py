@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from comfyd.client.output import human_duration
 
 BAR_WIDTH = 20
+PLAIN_STEP = 10.0  # percentage points between plain progress lines within one node
 
 
 def bar(progress: float, width: int = BAR_WIDTH) -> str:
@@ -55,6 +56,8 @@ class ProgressView:
         self.started: float | None = None
         self._drawn = 0  # length of the bar line on screen (TTY)
         self._last: str | None = None
+        self._node: str | None = None
+        self._printed: tuple[float, str | None] | None = None  # (progress, node) of the last plain progress line
 
     def update(self, event: dict[str, Any]) -> None:
         match event.get("type"):
@@ -72,7 +75,7 @@ class ProgressView:
                 self.started = None
                 self._show(f"requeued (attempt {event.get('attempt', '?')}): {event.get('reason', '')}", keep=True)
             case "workflow:completed":
-                self._progress(100.0, None)
+                self._progress(100.0, self._node)
             case _:
                 pass
 
@@ -87,16 +90,24 @@ class ProgressView:
             self._drawn = 0
 
     def _progress(self, progress: float, node: str | None) -> None:
+        self._node = node or self._node
         eta = self.eta.seconds(progress)
         text = f"{bar(progress)} {progress:3.0f}%"
         if node:
             text += f" {node}"
         if self.tty:
-            if eta is not None:
+            if eta is not None and eta >= 1:
                 text += f"  ETA {human_duration(eta)}"
             self._draw(text)
-        else:  # one line per whole percent or node change, without the ETA (it changes every time)
+        elif self._worth_a_line(progress, node):  # a log, not an animation: new node, 10 points more, or the end
+            self._printed = (progress, node)
             self._plain(text)
+
+    def _worth_a_line(self, progress: float, node: str | None) -> bool:
+        if self._printed is None or progress >= 100:
+            return True
+        last_progress, last_node = self._printed
+        return node != last_node or progress - last_progress >= PLAIN_STEP
 
     def _show(self, text: str, *, keep: bool = False) -> None:
         if not self.tty:
