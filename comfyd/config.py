@@ -73,6 +73,12 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shared_outputs: bool = True  # ComfyUI writes into the outputs folder comfyd reads
 
 
+class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    url: str = ""  # a management API to register comfyd with on start (COMFYD_UPSTREAM_URL); empty: none
+    api_key: str = ""  # its X-API-Key (COMFYD_UPSTREAM_API_KEY)
+    public_url: str = ""  # how the upstream reaches comfyd; default http://<host>:<port>
+
+
 class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     level: str = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -86,6 +92,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
     backends: list[BackendConfig] = []
 
     # -- derived paths -----------------------------------------------------------------------------------
@@ -195,6 +202,10 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> None:
         config.logging.level = level
     if fmt := env.get("COMFYD_LOG_FORMAT"):
         config.logging.format = fmt  # type: ignore[assignment]
+    if upstream := env.get("COMFYD_UPSTREAM_URL"):
+        config.upstream.url = upstream
+    if upstream_key := env.get("COMFYD_UPSTREAM_API_KEY"):
+        config.upstream.api_key = upstream_key
     if drain := env.get("COMFYD_DRAIN_SECONDS"):
         try:
             config.server.drain_seconds = float(drain)

@@ -74,11 +74,19 @@ class SchedulerSnapshot(Message, frozen=True):
 
 
 class AddBackend(Message, frozen=True):
-    """A backend joined at run time (service registry); the scheduler starts dispatching to it."""
+    """A backend joined at run time (service registry); the scheduler starts dispatching to it.
+    ``executor`` is the new executor's handle."""
 
     name: str
     pool: str
     capacity: int
+    executor: Any
+
+
+class RetireBackend(Message, frozen=True):
+    """A backend left (deregistered): dispatch nothing more to it; what it holds finishes there."""
+
+    name: str
 
 
 class StopIntake(Message, frozen=True):

@@ -19,16 +19,18 @@ from comfyd.actors.executor import Executor
 from comfyd.actors.gpu_monitor import GpuMonitor
 from comfyd.actors.indexer import OutputIndexer
 from comfyd.actors.janitor import Janitor
+from comfyd.actors.registry import Registration, Registry
 from comfyd.actors.scheduler import Scheduler
 from comfyd.actors.supervisor import Supervisor
 from comfyd.config import BackendConfig, Config
-from comfyd.messages import SchedulerSnapshot, StopIntake
+from comfyd.messages import AddBackend, RetireBackend, SchedulerSnapshot, StopIntake
 from comfyd.metrics import Metrics
 from comfyd.models.catalog import ModelCatalog
 from comfyd.store.db import Database
 from comfyd.store.jobs import JobStore
 from comfyd.store.model_hashes import SqliteHashCache
 from comfyd.store.outputs import OutputIndex
+from comfyd.upstream import register_upstream
 
 log = structlog.get_logger("comfyd.service")
 
@@ -59,10 +61,12 @@ class Service:
         self.session: aiohttp.ClientSession | None = None
         self._seq = itertools.count(1)
         self.instance_id = ""
+        self.registry: Registry | None = None  # type: ignore[assignment]
+        self._upstream: asyncio.Task[None] | None = None
 
     # -- what the web edge uses ----------------------------------------------------------------------------
     def pools(self) -> set[str]:
-        return {b.pool for b in self.config.backends}
+        return {e.config.pool for e in self.executors.values()}
 
     def next_seq(self) -> int:
         return next(self._seq)
@@ -91,6 +95,10 @@ class Service:
         self.supervisor.start(self.broadcaster)
         for backend in self.config.backends:
             self._add_executor(backend)
+        self.registry = Registry(self.db, self.session, self._backend_joined, self._backend_left)
+        for registration in await self.registry.load():  # registered backends recover with the rest
+            if registration.endpoints.api and (name := self._backend_for(registration)) is not None:
+                self.registry.set_backend(registration.service, name)
         self.gpu_monitor = GpuMonitor(
             self.metrics, self._publish_raw,
             [(name, executor.client, executor.config.pool) for name, executor in self.executors.items()])
@@ -101,6 +109,12 @@ class Service:
             self.supervisor.start(executor)
         await self.models.start()
         self.supervisor.start(self.janitor)
+        self.supervisor.start(self.registry)
+        if self.config.upstream.url:
+            public = self.config.upstream.public_url or f"http://{self.config.server.host}:{self.config.server.port}"
+            self._upstream = asyncio.create_task(register_upstream(
+                self.session, self.config.upstream.url, api_key=self.config.upstream.api_key, public_url=public),
+                name="upstream-registration")
         self.supervisor.start(self.indexer)
         self.accepting = True
         log.info("service_started", backends=len(self.executors), db=str(self.config.db_path),
@@ -111,6 +125,33 @@ class Service:
             self.broadcaster.tell(PublishRaw(topic=topic, payload=payload))
         except Exception:  # telemetry must never break its source
             self.metrics.ws_dropped.labels(reason="broadcaster_busy").inc()
+
+    def _backend_for(self, registration: Registration) -> str | None:
+        """Before start: make a registered service's backend (unless a configured one has its URL)."""
+        url = (registration.endpoints.api or "").rstrip("/")
+        for executor in self.executors.values():
+            if executor.config.url == url:
+                return executor.config.name
+        return self._add_executor(BackendConfig(url=url, name=f"svc-{registration.service}",
+                                                pool=registration.pool)).config.name
+
+    def _backend_joined(self, service: str, url: str, pool: str) -> str | None:
+        """At run time: a registered service offers a ComfyUI API; drive it like a configured backend."""
+        url = url.rstrip("/")
+        for executor in self.executors.values():
+            if executor.config.url == url:
+                return executor.config.name
+        assert self.session is not None
+        config = BackendConfig(url=url, name=f"svc-{service}", pool=pool)
+        executor = Executor(config, self.scheduler, self.session, outputs_dir=self.config.outputs_dir,
+                            instance_id=self.instance_id, reconnect_min=self.reconnect_min)
+        self.executors[config.name] = executor
+        self.scheduler.tell(AddBackend(name=config.name, pool=pool, capacity=executor.capacity, executor=executor))
+        self.supervisor.start(executor)
+        return config.name
+
+    def _backend_left(self, name: str) -> None:
+        self.scheduler.tell(RetireBackend(name=name))
 
     def _add_executor(self, backend: BackendConfig) -> Executor:
         assert self.session is not None
@@ -143,6 +184,9 @@ class Service:
 
     async def stop(self) -> None:
         self.accepting = False
+        if self._upstream is not None:
+            self._upstream.cancel()
+        await self.registry.stop(10)
         await self.janitor.stop(10)
         await self.indexer.stop(10)
         await self.models.stop()

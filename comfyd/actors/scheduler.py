@@ -31,6 +31,7 @@ from comfyd.messages import (
     JobStarted,
     Message,
     QueuePosition,
+    RetireBackend,
     Returned,
     Run,
     SchedulerSnapshot,
@@ -168,7 +169,12 @@ class Scheduler(Actor[Message]):
             case SchedulerSnapshot():
                 return self.snapshot()
             case AddBackend():
-                raise TypeError("AddBackend needs the executor: use add_backend from the composition root")
+                if message.name not in self.backends:
+                    self.add_backend(message.name, message.pool, message.capacity, message.executor)
+                    self.pool_down_since.setdefault(message.pool, time.monotonic())
+            case RetireBackend():
+                if (backend := self.backends.get(message.name)) is not None:
+                    backend.capacity = 0
             case StopIntake():
                 self.intake_open = False
             case Tick():

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from comfyd.web import gpus, jobs_list, models, outputs, stream, system, workflows
+from comfyd.web import (
+    gpus,
+    jobs_list,
+    models,
+    outputs,
+    services,
+    stream,
+    system,
+    workflows,
+)
 from comfyd.web.auth import auth_middleware
 from comfyd.web.errors import error_middleware
 from comfyd.web.keys import SERVICE
@@ -24,6 +33,6 @@ def create_app(service) -> web.Application:  # type: ignore[no-untyped-def]
     )
     app[SERVICE] = service
     for table in (system.routes, workflows.routes, jobs_list.routes, outputs.routes, models.routes, stream.routes,
-                  gpus.routes):
+                  gpus.routes, services.routes):
         app.add_routes(table)
     return app

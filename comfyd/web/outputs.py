@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-
 import asyncio
+
+from aiohttp import web
 
 from comfyd.errors import BadRequest, NotFound
 from comfyd.outputs.files import resolve_inside, safe_relpath

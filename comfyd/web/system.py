@@ -23,7 +23,8 @@ ENDPOINTS = {
         "listWorkflows": "GET /v1/comfyui/workflows",
         "stream": "WS /v1/comfyui/stream",
     },
-    "services": {"register": "POST /v1/services/register"},
+    "services": {"register": "POST /v1/services/register", "list": "GET /v1/services",
+                 "deregister": "DELETE /v1/services/:name"},
     "health": "GET /health",
     "metrics": "GET /metrics",
 }
