@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -19,6 +18,14 @@ import structlog
 from comfyd import events
 from comfyd.actors.base import Actor
 from comfyd.actors.pending import PendingQueue
+from comfyd.actors.scheduler_state import (
+    ActiveJob,
+    Backend,
+    CancelOutcome,
+    Dispatched,
+    Tick,
+)
+from comfyd.actors.transitions import Recorder
 from comfyd.messages import (
     AddBackend,
     BackendState,
@@ -39,56 +46,9 @@ from comfyd.messages import (
     Withdraw,
 )
 from comfyd.metrics import Metrics
-from comfyd.store.db import now_ms
 from comfyd.store.jobs import JobStore
 
 log = structlog.get_logger("comfyd.scheduler")
-
-
-class Dispatched(Message, frozen=True):
-    """Private: a job's dispatch is committed and its workflow loaded; hand it over now."""
-
-    workflow_id: str
-    run: Run
-    created_at: int
-
-
-class Tick(Message, frozen=True):
-    """Private: periodic checks (pools without any backend up)."""
-
-
-class CancelOutcome(msgspec.Struct, frozen=True):
-    status: str | None  # the job's status after the cancel, None if the scheduler does not hold the job
-
-
-@dataclass(slots=True)
-class Backend:
-    name: str
-    pool: str
-    capacity: int
-    executor: Actor[Any]
-    up: bool = False
-    assigned: set[str] = field(default_factory=set)
-
-    @property
-    def free(self) -> int:
-        return self.capacity - len(self.assigned) if self.up else 0
-
-
-@dataclass(slots=True)
-class ActiveJob:
-    workflow_id: str
-    pool: str
-    rank: int
-    seq: int
-    backend: str
-    status: str = "dispatching"  # dispatching -> dispatched -> running
-    attempt: int = 0
-    created_at: int = 0
-    started_at: int | None = None
-    cancel_requested: bool = False
-    withdrawing: bool = False
-    waiters: list[asyncio.Future[str]] = field(default_factory=list)
 
 
 class Scheduler(Actor[Message]):
@@ -103,6 +63,7 @@ class Scheduler(Actor[Message]):
         self.max_attempts = max_attempts
         self.backend_wait = backend_wait
         self.pool_down_since: dict[str, float] = {}
+        self.record = Recorder(jobs, publish, metrics)
         self.pending = PendingQueue()
         self.active: dict[str, ActiveJob] = {}
         self.backends: dict[str, Backend] = {}
@@ -176,7 +137,7 @@ class Scheduler(Actor[Message]):
                 if (backend := self.backends.get(message.name)) is not None:
                     backend.capacity = 0
             case StopIntake():
-                self.intake_open = False
+                self._stop_intake()
             case Tick():
                 self._fail_unserved_pools()
             case _:
@@ -196,6 +157,15 @@ class Scheduler(Actor[Message]):
         if msg.workflow_id in self.pending and self.pending.peek(msg.pool) == msg.workflow_id:
             self._outrank(msg.pool, msg.rank)
         return position
+
+    def _stop_intake(self) -> None:
+        """Draining: nothing new starts. Prompts still waiting inside ComfyUI are taken back, so they stay
+        queued in comfyd (and survive the restart) rather than run while the process is going away."""
+        self.intake_open = False
+        for job in self.active.values():
+            if job.status == "dispatched" and not job.withdrawing:
+                job.withdrawing = True
+                self.backends[job.backend].executor.tell(Withdraw(workflow_id=job.workflow_id))
 
     def _outrank(self, pool: str, rank: int) -> None:
         """A more urgent job waits while a less urgent one sits inside ComfyUI's queue: take that one back."""
@@ -218,9 +188,7 @@ class Scheduler(Actor[Message]):
 
     def _cancel(self, workflow_id: str) -> Any:
         if self.pending.remove(workflow_id):
-            done = self.jobs.db.write([self.jobs.finish(workflow_id, status="cancelled", completed_at=now_ms())])
-            self._announce(done, events.WorkflowCancelled(workflowId=workflow_id, timestamp=events.now_ms()),
-                           status="cancelled", workflow_id=workflow_id)
+            done = self.record.cancelled(workflow_id)
             self._update_gauges()
             return _then(done, CancelOutcome("cancelled"))
         job = self.active.get(workflow_id)
@@ -241,10 +209,7 @@ class Scheduler(Actor[Message]):
             return
         job.status = "running"
         job.started_at = msg.started_at
-        done = self.jobs.update(msg.workflow_id, status="running", started_at=msg.started_at, backend=msg.backend)
-        self._announce(done, events.WorkflowStarted(workflowId=msg.workflow_id, timestamp=msg.started_at,
-                                                    backend=msg.backend),
-                       status="started", workflow_id=msg.workflow_id, backend=msg.backend)
+        self.record.started(msg.workflow_id, msg.backend, msg.started_at)
         if job.created_at:
             self.metrics.queue_wait.labels(gpu_type=job.pool).observe(max(0, msg.started_at - job.created_at) / 1000)
         self._update_gauges()
@@ -252,11 +217,7 @@ class Scheduler(Actor[Message]):
     def _progress(self, msg: JobProgress) -> None:
         if msg.workflow_id not in self.active:
             return
-        done = self.jobs.update(msg.workflow_id, progress=msg.progress, current_node=msg.current_node)
-        event = events.WorkflowProgress(workflowId=msg.workflow_id, timestamp=events.now_ms(),
-                                        progress=msg.progress, currentNode=msg.current_node)
-        # Published after its commit like every transition, so it can never overtake workflow:started.
-        done.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self.publish(event))
+        self.record.progress(msg.workflow_id, msg.progress, msg.current_node)
 
     def _finished(self, msg: JobFinished) -> None:
         job = self.active.pop(msg.workflow_id, None)
@@ -266,38 +227,14 @@ class Scheduler(Actor[Message]):
         if msg.retry and job.attempt < self.max_attempts and not job.cancel_requested:
             self._requeue(job, reason=msg.error.message if msg.error else "backend lost")
             return
-        completed_at = now_ms()
-        statements = [self.jobs.finish(msg.workflow_id, status=msg.status, completed_at=completed_at,
-                                       outputs=msg.outputs, error=msg.error,
-                                       progress=100.0 if msg.status == "completed" else None)]
-        statements += _output_rows(msg, completed_at)
-        done = self.jobs.db.write(statements)
-        event: events.WorkflowEvent
-        if msg.status == "completed":
-            event = events.WorkflowCompleted(workflowId=msg.workflow_id, timestamp=completed_at,
-                                             outputs=[events.output_view(o) for o in msg.outputs])
-        elif msg.status == "cancelled":
-            event = events.WorkflowCancelled(workflowId=msg.workflow_id, timestamp=completed_at)
-        else:
-            error = msg.error or JobError(error_type="internal", message="the job failed")
-            event = events.error_event(msg.workflow_id, error)
-            self.metrics.workflow_errors.labels(error_type=error.error_type).inc()
-        if job.started_at is not None and msg.status == "completed":
-            self.metrics.workflow_duration.labels(gpu_type=job.pool).observe(
-                max(0, completed_at - job.started_at) / 1000)
-        self._announce(done, event, status=msg.status, workflow_id=msg.workflow_id, backend=msg.backend,
-                       error_type=msg.error.error_type if msg.error else None)
+        done = self.record.finished(msg, pool=job.pool, started_at=job.started_at)
         for waiter in job.waiters:
             done.add_done_callback(lambda _f, w=waiter, s=msg.status: w.done() or w.set_result(s))
         self._update_gauges()
 
     def _requeue(self, job: ActiveJob, reason: str) -> None:
         self.pending.push(job.workflow_id, job.pool, job.rank, job.seq)
-        done = self.jobs.update(job.workflow_id, status="queued", backend=None, progress=0.0, current_node=None,
-                                started_at=None)
-        self._announce(done, events.WorkflowRequeued(workflowId=job.workflow_id, timestamp=events.now_ms(),
-                                                     reason=reason, attempt=job.attempt),
-                       status="requeued", workflow_id=job.workflow_id, backend=job.backend, reason=reason)
+        self.record.requeued(job.workflow_id, backend=job.backend, reason=reason, attempt=job.attempt)
         self._update_gauges()
 
     def _returned(self, msg: Returned) -> None:
@@ -337,15 +274,11 @@ class Scheduler(Actor[Message]):
         for pool, since in list(self.pool_down_since.items()):
             if now - since < self.backend_wait:
                 continue
+            error = JobError(error_type="backend_unavailable",
+                             message=f"no backend of pool {pool!r} has been up for {now - since:.0f}s "
+                                     f"(scheduler.backend_wait = {self.backend_wait:g}s)")
             while (workflow_id := self.pending.pop(pool)) is not None:
-                error = JobError(error_type="backend_unavailable",
-                                 message=f"no backend of pool {pool!r} has been up for {now - since:.0f}s "
-                                         f"(scheduler.backend_wait = {self.backend_wait:g}s)")
-                done = self.jobs.db.write([self.jobs.finish(workflow_id, status="failed", completed_at=now_ms(),
-                                                            error=error)])
-                self.metrics.workflow_errors.labels(error_type=error.error_type).inc()
-                self._announce(done, events.error_event(workflow_id, error), status="failed",
-                               workflow_id=workflow_id, error_type=error.error_type)
+                self.record.failed(workflow_id, error)
         self._update_gauges()
 
     # -- dispatch ------------------------------------------------------------------------------------------
@@ -392,6 +325,9 @@ class Scheduler(Actor[Message]):
             self._release(job)
             self._cancel_unsent(job)
             return
+        if not self.intake_open and not msg.run.reattach:  # draining began while it was being prepared
+            self._returned(Returned(workflow_id=job.workflow_id, backend=job.backend, reason="draining"))
+            return
         if job.status == "dispatching":
             job.status = "dispatched"
         self.backends[job.backend].executor.tell(msg.run)
@@ -413,21 +349,6 @@ class Scheduler(Actor[Message]):
             backend.assigned.discard(job.workflow_id)
 
     # -- reporting -----------------------------------------------------------------------------------------
-    def _announce(self, done: asyncio.Future[None], event: events.WorkflowEvent, *, status: str,
-                  **fields: Any) -> None:
-        """Publish and count a transition once it is committed, in commit order."""
-
-        def after_commit(future: asyncio.Future[None]) -> None:
-            if future.cancelled() or future.exception() is not None:
-                log.error("workflow_state_not_stored", status=status, error=repr(future.exception()), **fields)
-                return
-            if status != "requeued":
-                self.metrics.workflow_total.labels(status=status).inc()
-            log.info(f"workflow_{status}", **{k: v for k, v in fields.items() if v is not None})
-            self.publish(event)
-
-        done.add_done_callback(after_commit)
-
     def _update_gauges(self) -> None:
         if self.active:
             self.idle.clear()
@@ -449,17 +370,6 @@ class Scheduler(Actor[Message]):
                 for b in self.backends.values()
             },
         }
-
-
-def _output_rows(msg: JobFinished, created_at: int) -> list[tuple[str, tuple[Any, ...]]]:
-    return [(
-        "INSERT INTO outputs (path, workflow_id, filename, subfolder, folder_type, kind, format, size, sha256, "
-        "width, height, node_id, backend, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-        "ON CONFLICT(path) DO UPDATE SET workflow_id = excluded.workflow_id, size = excluded.size, "
-        "sha256 = excluded.sha256, created_at = excluded.created_at",
-        (o.relpath, msg.workflow_id, o.filename, o.subfolder, o.folder_type, o.kind or "other", o.format or "",
-         o.size or 0, o.sha256, o.width, o.height, o.node_id, msg.backend, created_at),
-    ) for o in msg.outputs if o.size is not None]
 
 
 async def _wrap(waiter: asyncio.Future[str]) -> CancelOutcome:

@@ -11,7 +11,7 @@ import msgspec
 from aiohttp import web
 
 from comfyd.actors.pending import rank_for
-from comfyd.actors.scheduler import CancelOutcome
+from comfyd.actors.scheduler_state import CancelOutcome
 from comfyd.errors import BadRequest, Conflict, NotFound, Unavailable
 from comfyd.events import output_view
 from comfyd.messages import TERMINAL, CancelJob, Enqueue
