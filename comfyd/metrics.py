@@ -64,3 +64,5 @@ class Metrics:
             self.workflow_total.labels(status=status)
         for error_type in ERROR_TYPES:
             self.workflow_errors.labels(error_type=error_type)
+        for reason in ("slow_client", "broadcaster_busy"):
+            self.ws_dropped.labels(reason=reason)

@@ -36,7 +36,8 @@ log = structlog.get_logger("comfyd.service")
 
 
 class Service:
-    def __init__(self, config: Config, *, reconnect_min: float = 0.2, cancel_wait: float = 30.0) -> None:
+    def __init__(self, config: Config, *, reconnect_min: float = 0.2, cancel_wait: float = 30.0,
+                 nvml: Any = None) -> None:
         self.config = config
         self.metrics = Metrics()
         self.db = Database(config.db_path, synchronous=config.database.synchronous,
@@ -51,6 +52,7 @@ class Service:
         self.executors: dict[str, Executor] = {}
         self.janitor = Janitor(self.db, config.retention)
         self.gpu_monitor: GpuMonitor | None = None
+        self.nvml = nvml  # an NvmlSampler; None: the real NVML
         self.indexer = OutputIndexer(self.db, config.outputs_dir, interval=config.paths.outputs_rescan_seconds)
         self.models = ModelCatalog(config.models_dir, SqliteHashCache(self.db))
         self.reconnect_min = reconnect_min
@@ -101,7 +103,8 @@ class Service:
                 self.registry.set_backend(registration.service, name)
         self.gpu_monitor = GpuMonitor(
             self.metrics, self._publish_raw,
-            [(name, executor.client, executor.config.pool) for name, executor in self.executors.items()])
+            [(name, executor.client, executor.config.pool) for name, executor in self.executors.items()],
+            nvml=self.nvml)
         self.supervisor.start(self.gpu_monitor)
         self.supervisor.start(self.scheduler)
         await asyncio.wait_for(self.scheduler.recovered.wait(), 60)

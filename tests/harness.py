@@ -41,15 +41,16 @@ def make_config(tmp: Path, backends: list[str], **scheduler: Any) -> Config:
 class Comfyd:
     """A running comfyd: its service, its URL, and a client session with the API key."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, **service_options: Any) -> None:
         self.config = config
+        self.service_options = service_options
         self.service: Service | None = None
         self.runner: web.AppRunner | None = None
         self.url = ""
         self.http: aiohttp.ClientSession | None = None
 
     async def start(self) -> Comfyd:
-        self.service = Service(self.config, reconnect_min=0.05, cancel_wait=10.0)
+        self.service = Service(self.config, **{"reconnect_min": 0.05, "cancel_wait": 10.0, **self.service_options})
         await self.service.start()
         self.runner = web.AppRunner(create_app(self.service), handle_signals=False, access_log=None)
         await self.runner.setup()

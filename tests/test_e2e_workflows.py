@@ -84,3 +84,19 @@ async def test_metrics_after_runs(comfyd: Comfyd) -> None:
     assert samples[("comfyui_workflow_errors_total", (("error_type", "node_error"),))] == 1
     assert samples[("comfyui_workflow_duration_seconds_count", (("gpu_type", "local"),))] == 1
     assert samples[("comfyui_queue_length", ())] == 0
+
+
+async def test_late_subscriber_gets_the_final_state(comfyd: Comfyd) -> None:
+    workflow_id = await comfyd.submit(workflow("quick", **{"1.color": 77}))
+    await comfyd.wait_end(workflow_id)
+    async with comfyd.stream() as ws:  # subscribes only after the job completed
+        await ws.send_json({"type": "subscribe", "workflowId": workflow_id})
+        state = await ws.receive_json(timeout=5)
+        assert state["type"] == "workflow:completed" and state["workflowId"] == workflow_id
+        assert state["outputs"][0]["url"].startswith("/v1/comfyui/output/")
+        await ws.send_json({"type": "subscribe"})
+        assert (await ws.receive_json(timeout=5))["type"] == "error"
+        await ws.send_str("not json")
+        assert (await ws.receive_json(timeout=5))["type"] == "error"  # a bad message is answered, not fatal
+        await ws.send_json({"type": "ping"})
+        assert (await ws.receive_json(timeout=5))["type"] == "pong"
