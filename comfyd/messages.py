@@ -139,6 +139,7 @@ class Run(Message, frozen=True):
     attempt: int
     timeout: float | None = None
     reattach: bool = False  # recovery: the prompt may already be inside ComfyUI
+    was_running: bool = False  # recovery: it had started there before comfyd went down
 
 
 class Interrupt(Message, frozen=True):

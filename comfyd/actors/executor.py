@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import structlog
 
 from comfyd.actors.base import Actor, MailboxFull
@@ -146,6 +147,7 @@ class Executor(Actor[Message]):
         self.by_workflow[run.workflow_id] = run.prompt_id
         if run.reattach:
             state.posted = True  # maybe: find out before posting again
+            state.started = run.was_running
             self._check(state)
         elif not self.up:
             self._return(state, "backend is down")
@@ -334,7 +336,7 @@ class Executor(Actor[Message]):
             self._done(Done(prompt_id=state.run.prompt_id, result=stopped_result(state, self.config.name)))
         elif state.run.reattach and not state.started and not state.tracker.finished:
             # Recovered job that ComfyUI never saw (or lost before it started): post it now, same attempt.
-            state.run = Run(**{**{f: getattr(state.run, f) for f in state.run.__struct_fields__}, "reattach": False})
+            state.run = msgspec.structs.replace(state.run, reattach=False)
             state.posted = False
             self.spawn(self._post(state.run), name=f"{self.name}:post")
         else:

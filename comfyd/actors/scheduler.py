@@ -313,7 +313,8 @@ class Scheduler(Actor[Message]):
                                    dispatches=row["dispatches"] + 1)
         job.attempt = attempt
         run = Run(workflow_id=job.workflow_id, prompt_id=prompt_id, workflow=msgspec.json.decode(row["workflow"]),
-                  attempt=attempt, timeout=row["timeout"] or None, reattach=reattach)
+                  attempt=attempt, timeout=row["timeout"] or None, reattach=reattach,
+                  was_running=reattach and job.status == "running")
         await self.send(Dispatched(workflow_id=job.workflow_id, run=run, created_at=row["created_at"]))
 
     def _hand_over(self, msg: Dispatched) -> None:
