@@ -33,14 +33,12 @@ from comfyd.actors.executor_state import (
     Tick,
     Unreachable,
 )
-from comfyd.comfy import errors as comfy_errors
 from comfyd.comfy import probe
 from comfyd.comfy.catalogue import Catalogue
 from comfyd.comfy.client import (
     BackendError,
     BackendUnreachable,
     ComfyClient,
-    PromptRejected,
 )
 from comfyd.comfy.connection import Frame, follow
 from comfyd.comfy.outcome import conclude, job_result, stopped_result
@@ -148,6 +146,8 @@ class Executor(Actor[Message]):
         if run.reattach:
             state.posted = True  # maybe: find out before posting again
             state.started = run.was_running
+            if run.was_running:
+                self._arm_timeout(state)  # its deadline counts again from the re-attachment
             self._check(state)
         elif not self.up:
             self._return(state, "backend is down")
@@ -155,26 +155,8 @@ class Executor(Actor[Message]):
             self.spawn(self._post(state.run), name=f"{self.name}:post")
 
     async def _post(self, run: Run) -> None:
-        if self.needs_free:  # after an out-of-memory failure, let ComfyUI release what it holds first
-            self.needs_free = False
-            try:
-                await self.client.free()
-            except (BackendUnreachable, BackendError) as exc:
-                log.warning("comfyui_free_failed", backend=self.config.name, error=str(exc))
-        try:
-            await self.client.post_prompt(run.workflow, client_id=self.client_id, prompt_id=run.prompt_id,
-                                          extra_data={"comfyd": {"workflow_id": run.workflow_id,
-                                                                 "attempt": run.attempt}})
-        except PromptRejected as exc:
-            await self.send(Rejected(prompt_id=run.prompt_id,
-                                     error=comfy_errors.from_rejected_prompt(exc.body, run.workflow)))
-        except BackendUnreachable as exc:
-            await self.send(Unreachable(prompt_id=run.prompt_id, reason=str(exc)))
-        except BackendError as exc:
-            await self.send(Rejected(prompt_id=run.prompt_id,
-                                     error=JobError(error_type="internal", message=str(exc))))
-        else:
-            await self.send(Posted(prompt_id=run.prompt_id))
+        free_first, self.needs_free = self.needs_free, False
+        await self.send(await probe.post(self.client, run, self.client_id, free_first=free_first))
 
     def _posted(self, prompt_id: str) -> None:
         state = self.runs.get(prompt_id)
@@ -218,7 +200,10 @@ class Executor(Actor[Message]):
         state.started = True
         self._report(JobStarted(workflow_id=state.run.workflow_id, backend=self.config.name,
                                        started_at=timestamp))
-        if state.run.timeout:
+        self._arm_timeout(state)
+
+    def _arm_timeout(self, state: RunState) -> None:
+        if state.run.timeout and state.timer is None:
             state.timer = asyncio.get_running_loop().call_later(
                 state.run.timeout, self._timeout_due, state.run.workflow_id)
 

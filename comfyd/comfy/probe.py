@@ -10,7 +10,40 @@ from __future__ import annotations
 
 from typing import Any
 
-from comfyd.comfy.client import BackendError, BackendUnreachable, ComfyClient
+import structlog
+
+from comfyd.actors.executor_state import Posted, Rejected, Unreachable
+from comfyd.comfy import errors as comfy_errors
+from comfyd.comfy.client import (
+    BackendError,
+    BackendUnreachable,
+    ComfyClient,
+    PromptRejected,
+)
+from comfyd.messages import JobError, Message, Run
+
+log = structlog.get_logger("comfyd.executor")
+
+
+async def post(client: ComfyClient, run: Run, client_id: str, *, free_first: bool) -> Message:
+    """Hand a prompt to ComfyUI under comfyd's prompt_id. Answers ``Posted``, ``Rejected`` (ComfyUI said no:
+    validation, or an unexpected answer) or ``Unreachable``. After an out-of-memory failure, ``free_first``
+    lets ComfyUI release what it holds before the next prompt."""
+    if free_first:
+        try:
+            await client.free()
+        except (BackendUnreachable, BackendError) as exc:
+            log.warning("comfyui_free_failed", url=client.base_url, error=str(exc))
+    try:
+        await client.post_prompt(run.workflow, client_id=client_id, prompt_id=run.prompt_id,
+                                 extra_data={"comfyd": {"workflow_id": run.workflow_id, "attempt": run.attempt}})
+    except PromptRejected as exc:
+        return Rejected(prompt_id=run.prompt_id, error=comfy_errors.from_rejected_prompt(exc.body, run.workflow))
+    except BackendUnreachable as exc:
+        return Unreachable(prompt_id=run.prompt_id, reason=str(exc))
+    except BackendError as exc:
+        return Rejected(prompt_id=run.prompt_id, error=JobError(error_type="internal", message=str(exc)))
+    return Posted(prompt_id=run.prompt_id)
 
 
 async def where_is(client: ComfyClient, prompt_id: str) -> tuple[str, dict[str, Any] | None]:
