@@ -214,9 +214,11 @@ async def test_sample_async_runs_off_the_loop(fake):
 
 async def test_sample_async_does_not_block_the_loop(fake):
     gate = threading.Event()
+    entered = threading.Event()
     original = fake.nvmlDeviceGetCount
 
     def slow_count():
+        entered.set()
         assert gate.wait(5)
         return original()
 
@@ -224,7 +226,7 @@ async def test_sample_async_does_not_block_the_loop(fake):
     s = NvmlSampler(nvml=fake)
     assert s.open()
     task = asyncio.create_task(s.sample_async())
-    await asyncio.sleep(0.01)  # the loop keeps running while the driver call blocks
+    assert await asyncio.to_thread(entered.wait, 5)  # the loop keeps running while the driver call blocks
     assert not task.done()
     gate.set()
     assert len(await task) == 2

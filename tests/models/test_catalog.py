@@ -200,17 +200,14 @@ async def test_large_file_hashed_off_the_event_loop(tmp_path: Path, hash_calls: 
     with open(big, "wb") as f:
         f.truncate(200 * 1024 * 1024)  # sparse: reads as zeros
 
-    gaps: list[float] = []
+    turns = 0
     stop = asyncio.Event()
 
-    async def probe() -> None:  # measurement only: timing is not asserted (see scripts/bench_model_hash.py)
-        loop = asyncio.get_running_loop()
-        last = loop.time()
+    async def probe() -> None:  # counts loop turns; stalls are measured in scripts/bench_model_hash.py
+        nonlocal turns
         while not stop.is_set():
-            await asyncio.sleep(0.005)
-            now = loop.time()
-            gaps.append(now - last)
-            last = now
+            await asyncio.sleep(0)
+            turns += 1
 
     catalog = ModelCatalog(tmp_path / "models", MemoryHashCache())
     probe_task = asyncio.create_task(probe())
@@ -224,8 +221,7 @@ async def test_large_file_hashed_off_the_event_loop(tmp_path: Path, hash_calls: 
     assert models[0]["hash"] == digest
     assert [p for p, _ in hash_calls] == [str(big.resolve())]
     assert hash_calls[0][1] != threading.get_ident()  # hashed in a worker thread, not on the loop's
-    assert gaps  # the loop kept running while the file was hashed
-    print(f"max loop gap while hashing 200 MiB: {max(gaps) * 1000:.1f} ms over {len(gaps)} wakeups")
+    assert turns > 1  # the loop kept running while the file was hashed
 
 
 async def test_stop_abandons_hash_in_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
