@@ -58,6 +58,16 @@ class WorkflowRequeued(Event, frozen=True, tag="workflow:requeued"):
     attempt: int
 
 
+class BackendEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """``backend:up`` / ``backend:down``, for stream clients subscribed to topic ``backend``."""
+
+    type: str
+    backend: str
+    pool: str
+    error: str | None
+    timestamp: int
+
+
 WorkflowEvent = (WorkflowQueued | WorkflowStarted | WorkflowProgress | WorkflowCompleted | WorkflowError
                  | WorkflowCancelled | WorkflowRequeued)
 

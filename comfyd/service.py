@@ -48,7 +48,7 @@ class Service:
         self.broadcaster = Broadcaster(self.metrics)
         self.scheduler = Scheduler(self.jobs, self.broadcaster.publish, self.metrics,
                                    max_attempts=config.scheduler.max_attempts,
-                                   backend_wait=config.scheduler.backend_wait)
+                                   backend_wait=config.scheduler.backend_wait, publish_raw=self._publish_raw)
         self.executors: dict[str, Executor] = {}
         self.janitor = Janitor(self.db, config.retention)
         self.gpu_monitor: GpuMonitor | None = None

@@ -135,3 +135,21 @@ async def test_no_backend_of_the_pool_up_fails_backend_unavailable(comfyd_factor
     end = await comfyd.wait_end(workflow_id)
     assert end["type"] == "workflow:error" and end["errorType"] == "backend_unavailable"
     assert "local" in end["error"]
+
+
+async def test_backend_events_reach_clients_that_ask_for_them(standin, comfyd_factory) -> None:
+    comfyd: Comfyd = await comfyd_factory([standin])
+    backend = comfyd.service.scheduler.backends["gpu0"]
+    await _until(lambda: backend.up)
+    async with comfyd.stream() as watcher, comfyd.stream() as other:
+        await watcher.send_json({"type": "subscribe", "topics": ["backend"]})
+        await watcher.send_json({"type": "ping"})
+        assert (await watcher.receive_json(timeout=5))["type"] == "pong"  # the subscription is in place
+        await standin.stop()
+        down = await watcher.receive_json(timeout=10)
+        assert down["type"] == "backend:down" and down["backend"] == "gpu0" and "1006" in down["error"]
+        await standin.start()
+        up = await watcher.receive_json(timeout=10)
+        assert up["type"] == "backend:up" and up["backend"] == "gpu0"
+        await other.send_json({"type": "ping"})
+        assert (await other.receive_json(timeout=5))["type"] == "pong"  # no backend events without asking

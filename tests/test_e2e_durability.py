@@ -34,3 +34,20 @@ async def test_idempotency_key_returns_the_same_job(comfyd: Comfyd, standin) -> 
     assert len({body["workflowId"] for _, body in bodies}) == 1
     await comfyd.wait_end(bodies[0][1]["workflowId"])
     assert len(standin.posted) == 1
+
+
+async def test_locked_database_is_503_not_a_crash(comfyd_factory) -> None:
+    import sqlite3
+
+    comfyd: Comfyd = await comfyd_factory(["http://127.0.0.1:9"])
+    await comfyd.service.db._writer.execute("PRAGMA busy_timeout = 50")  # noqa: SLF001 - fail fast in the test
+    other = sqlite3.connect(comfyd.service.config.db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+    try:
+        async with comfyd.http.post(comfyd.url + "/v1/comfyui/workflow", json={"workflow": workflow("quick")}) as r:
+            body = await r.json()
+            assert r.status == 503 and "Retry-After" in r.headers and "busy" in body["message"]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert await comfyd.submit(workflow("quick"))  # and it works again once the lock is gone

@@ -55,10 +55,12 @@ class Scheduler(Actor[Message]):
     mailbox_size = 10_000
 
     def __init__(self, jobs: JobStore, publish: Callable[[events.WorkflowEvent], None], metrics: Metrics, *,
-                 max_attempts: int = 2, backend_wait: float = 600.0) -> None:
+                 max_attempts: int = 2, backend_wait: float = 600.0,
+                 publish_raw: Callable[[str, bytes], None] | None = None) -> None:
         super().__init__("scheduler")
         self.jobs = jobs
         self.publish = publish
+        self.publish_raw = publish_raw  # backend:up / backend:down for stream clients on topic "backend"
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.backend_wait = backend_wait
@@ -260,6 +262,10 @@ class Scheduler(Actor[Message]):
         else:
             self.pool_down_since.setdefault(backend.pool, time.monotonic())
         self.metrics.backend_up.labels(backend=backend.name, pool=backend.pool).set(1 if msg.up else 0)
+        if self.publish_raw is not None:
+            self.publish_raw("backend", events.encoder.encode(events.BackendEvent(
+                type="backend:up" if msg.up else "backend:down", backend=backend.name, pool=backend.pool,
+                error=msg.error, timestamp=events.now_ms())))
         log.info("backend_up" if msg.up else "backend_down", backend=backend.name, pool=backend.pool,
                  error=msg.error)
 
