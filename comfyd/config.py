@@ -232,6 +232,9 @@ def validate(config: Config) -> None:
     if config.database.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
         raise ConfigError(f"database.synchronous must be NORMAL, FULL, EXTRA or OFF, not "
                           f"{config.database.synchronous!r}")
+    if config.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"logging.level must be debug, info, warning, error or critical, not "
+                          f"{config.logging.level!r}")
     if config.logging.format not in ("auto", "json", "console"):
         raise ConfigError(f"logging.format must be auto, json or console, not {config.logging.format!r}")
     for backend in config.backends:

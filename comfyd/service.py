@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from comfyd.actors.base import ActorStopped, MailboxFull
 from comfyd.actors.broadcaster import Broadcaster, PublishRaw
 from comfyd.actors.executor import Executor
 from comfyd.actors.gpu_monitor import GpuMonitor
@@ -23,7 +24,14 @@ from comfyd.actors.registry import Registration, Registry
 from comfyd.actors.scheduler import Scheduler
 from comfyd.actors.supervisor import Supervisor
 from comfyd.config import BackendConfig, Config
-from comfyd.messages import AddBackend, RetireBackend, SchedulerSnapshot, StopIntake
+from comfyd.errors import Unavailable
+from comfyd.messages import (
+    AddBackend,
+    Enqueue,
+    RetireBackend,
+    SchedulerSnapshot,
+    StopIntake,
+)
 from comfyd.metrics import Metrics
 from comfyd.models.catalog import ModelCatalog
 from comfyd.store.db import Database
@@ -42,6 +50,7 @@ class Service:
         self.metrics = Metrics()
         self.db = Database(config.db_path, synchronous=config.database.synchronous,
                            busy_timeout_ms=config.database.busy_timeout_ms, batch_max=config.database.batch_max)
+        self.db.on_commit = lambda _size: self.metrics.db_batches.inc()
         self.jobs = JobStore(self.db)
         self.outputs = OutputIndex(self.db)
         self.supervisor = Supervisor()
@@ -65,10 +74,11 @@ class Service:
         self.instance_id = ""
         self.registry: Registry | None = None  # type: ignore[assignment]
         self._upstream: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- what the web edge uses ----------------------------------------------------------------------------
     def pools(self) -> set[str]:
-        return {e.config.pool for e in self.executors.values()}
+        return {e.config.pool for e in self.executors.values() if not e.retired}
 
     def next_seq(self) -> int:
         return next(self._seq)
@@ -79,6 +89,35 @@ class Service:
         for executor in self.executors.values():
             if executor.config.pool == pool and executor.catalogue is not None:
                 executor.catalogue.check(workflow)
+                return
+
+    def check_capacity(self) -> None:
+        """Before a job is stored: shed load at the edge instead of growing a backlog in memory."""
+        mailbox = self.scheduler.mailbox_depth
+        if mailbox > self.scheduler.mailbox_size * 0.9:
+            raise Unavailable(f"the scheduler is behind ({mailbox} messages waiting); retry shortly", retry_after=1)
+        if self.scheduler.queued_count >= self.config.scheduler.max_queued:
+            raise Unavailable(f"the queue is full ({self.config.scheduler.max_queued} jobs, scheduler.max_queued)",
+                              retry_after=30)
+
+    async def enqueue(self, message: Enqueue) -> int:
+        """Hand a stored job to the scheduler. It is durable already, so this never fails the request: if the
+        scheduler cannot take it now, it is handed over in the background (and recovery finds it anyway)."""
+        try:
+            return int(await self.scheduler.ask(message, 10.0))
+        except (MailboxFull, ActorStopped, asyncio.TimeoutError) as exc:
+            log.warning("enqueue_deferred", workflow_id=message.workflow_id, error=repr(exc))
+            task = asyncio.create_task(self._enqueue_later(message), name="enqueue-later")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return self.scheduler.queued_count
+
+    async def _enqueue_later(self, message: Enqueue) -> None:
+        while self.accepting:
+            try:
+                await self.scheduler.send(message)
+                return
+            except ActorStopped:  # restarting: its recovery loads the job from the database
                 return
 
     async def ask_snapshot(self) -> dict[str, Any]:
@@ -143,6 +182,10 @@ class Service:
         url = url.rstrip("/")
         for executor in self.executors.values():
             if executor.config.url == url:
+                if executor.retired:  # registered again: it takes work again
+                    executor.retired = False
+                    self.scheduler.tell(AddBackend(name=executor.config.name, pool=executor.config.pool,
+                                                   capacity=executor.capacity, executor=executor))
                 return executor.config.name
         assert self.session is not None
         config = BackendConfig(url=url, name=f"svc-{service}", pool=pool)
@@ -154,6 +197,7 @@ class Service:
         return config.name
 
     def _backend_left(self, name: str) -> None:
+        self.executors[name].retired = True
         self.scheduler.tell(RetireBackend(name=name))
 
     def _add_executor(self, backend: BackendConfig) -> Executor:

@@ -31,6 +31,13 @@ async def test_registered_comfyui_becomes_a_backend_for_the_next_job(comfyd_fact
     status, _ = await comfyd.request("DELETE", "/v1/services/comfyui-mcp")
     assert status == 200 and (await comfyd.request("GET", "/v1/services"))[1]["services"] == []
     assert (await comfyd.request("DELETE", "/v1/services/comfyui-mcp"))[0] == 404
+    backends = {b["name"]: b["state"] for b in (await comfyd.request("GET", "/v1/comfyui/backends"))[1]["backends"]}
+    assert backends["svc-comfyui-mcp"] == "retired"
+    # registered again with the same URL: it takes work again
+    assert (await comfyd.request("POST", "/v1/services/register", json=body))[0] == 201
+    again = await comfyd.submit(workflow("quick", **{"1.color": 4244}))
+    assert (await comfyd.wait_end(again))["type"] == "workflow:completed"
+    assert (await comfyd.get(again))["backend"] == "svc-comfyui-mcp"
 
 
 async def test_registration_is_persisted_and_bad_bodies_named(comfyd_factory, comfy_standin_factory) -> None:

@@ -100,3 +100,16 @@ async def test_late_subscriber_gets_the_final_state(comfyd: Comfyd) -> None:
         assert (await ws.receive_json(timeout=5))["type"] == "error"  # a bad message is answered, not fatal
         await ws.send_json({"type": "ping"})
         assert (await ws.receive_json(timeout=5))["type"] == "pong"
+
+
+async def test_unsubscribing_the_last_workflow_does_not_widen_to_everything(comfyd: Comfyd) -> None:
+    first = await comfyd.submit(workflow("quick", **{"1.color": 78}))
+    await comfyd.wait_end(first)
+    async with comfyd.stream() as ws:
+        await ws.send_json({"type": "subscribe", "workflowId": first})
+        assert (await ws.receive_json(timeout=5))["type"] == "workflow:completed"
+        await ws.send_json({"type": "unsubscribe", "workflowId": first})
+        other = await comfyd.submit(workflow("quick", **{"1.color": 79}))
+        await comfyd.wait_end(other)
+        await ws.send_json({"type": "ping"})
+        assert (await ws.receive_json(timeout=5))["type"] == "pong"  # nothing of the other job came first

@@ -51,7 +51,8 @@ class PublishRaw(Message, frozen=True):
 class StreamClient:
     ws: web.WebSocketResponse
     queue_size: int = 256
-    subscriptions: set[str] = field(default_factory=set)  # empty: every workflow
+    subscriptions: set[str] = field(default_factory=set)
+    narrowed: bool = False  # until its first subscribe a client receives every workflow's events
     topics: set[str] = field(default_factory=set)  # "backend", "gpu"
     max_backlog: int = 4 * 1024 * 1024
     on_lagging: Callable[[StreamClient], None] | None = None
@@ -62,7 +63,7 @@ class StreamClient:
         self.queue = asyncio.Queue(self.queue_size)
 
     def wants(self, workflow_id: str) -> bool:
-        return not self.subscriptions or workflow_id in self.subscriptions
+        return not self.narrowed or workflow_id in self.subscriptions
 
     def offer(self, data: bytes) -> bool:
         try:

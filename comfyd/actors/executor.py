@@ -78,6 +78,7 @@ class Executor(Actor[Message]):
         self.down_since = time.monotonic()
         self.last_error: str | None = None
         self.catalogue: Catalogue | None = None
+        self.retired = False  # deregistered: finishes what it holds, takes nothing new
         self.runs: dict[str, RunState] = {}  # prompt_id -> state, in hand-over order
         self.by_workflow: dict[str, str] = {}
         self.needs_free = False
@@ -230,7 +231,12 @@ class Executor(Actor[Message]):
 
     # -- ending a run --------------------------------------------------------------------------------------
     async def _conclude(self, state: RunState, entry: dict[str, Any] | None = None) -> None:
-        result, oom = await conclude(self.client, state, self.config, self.outputs_dir, entry)
+        try:
+            result, oom = await conclude(self.client, state, self.config, self.outputs_dir, entry)
+        except Exception as exc:  # never leave a run finishing forever
+            log.exception("run_conclude_failed", backend=self.config.name, workflow_id=state.run.workflow_id)
+            result, oom = job_result(state, self.config.name, "failed", error=JobError(
+                error_type="internal", message=f"comfyd could not read the result: {exc!r}")), False
         if oom:
             self.needs_free = True
         await self.send(Done(prompt_id=state.run.prompt_id, result=result))
@@ -368,6 +374,7 @@ class Executor(Actor[Message]):
         self.last_error = reason
         if self.up:
             self.up = False
+            self.down_since = time.monotonic()
             self._report(BackendState(backend=self.config.name, up=False, error=reason))
 
     def _report(self, message: Message) -> None:
@@ -380,6 +387,6 @@ class Executor(Actor[Message]):
 
     def snapshot(self) -> dict[str, Any]:
         return {"name": self.config.name, "url": self.config.url, "pool": self.config.pool, "gpu": self.config.gpu,
-                "state": "up" if self.up else "down", "lastError": self.last_error,
+                "state": "retired" if self.retired else "up" if self.up else "down", "lastError": self.last_error,
                 "nodeClasses": len(self.catalogue) if self.catalogue else None,
                 "jobs": [s.run.workflow_id for s in self.runs.values()]}

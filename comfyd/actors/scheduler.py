@@ -103,7 +103,8 @@ class Scheduler(Actor[Message]):
                 self.pending.push(row["id"], row["pool"], row["rank"], row["seq"])
         self._update_gauges()
         now = time.monotonic()
-        self.pool_down_since = {b.pool: now for b in self.backends.values()}
+        up_pools = {b.pool for b in self.backends.values() if b.up}
+        self.pool_down_since = {b.pool: now for b in self.backends.values() if b.pool not in up_pools}
         self.spawn(self._ticker(), name="scheduler:ticker")
         log.info("scheduler_recovered", queued=len(self.pending), reattaching=reattached)
         self.recovered.set()
@@ -132,7 +133,9 @@ class Scheduler(Actor[Message]):
             case SchedulerSnapshot():
                 return self.snapshot()
             case AddBackend():
-                if message.name not in self.backends:
+                if (known := self.backends.get(message.name)) is not None:
+                    known.capacity = message.capacity  # a retired backend that registered again
+                else:
                     self.add_backend(message.name, message.pool, message.capacity, message.executor)
                     self.pool_down_since.setdefault(message.pool, time.monotonic())
             case RetireBackend():
@@ -148,6 +151,8 @@ class Scheduler(Actor[Message]):
         return None
 
     def _enqueue(self, msg: Enqueue) -> int:
+        if msg.workflow_id in self.pending or msg.workflow_id in self.active:  # a retried Enqueue
+            return self.position(msg.workflow_id) or 0
         self.pending.push(msg.workflow_id, msg.pool, msg.rank, msg.seq)
         self.metrics.workflow_total.labels(status="queued").inc()
         position = self.pending.position(msg.workflow_id) or 0
@@ -181,6 +186,10 @@ class Scheduler(Actor[Message]):
 
     async def ask_position(self, workflow_id: str) -> int | None:
         return await self.ask(QueuePosition(workflow_id=workflow_id), 10.0)
+
+    @property
+    def queued_count(self) -> int:
+        return len(self.pending)
 
     def position(self, workflow_id: str) -> int | None:
         position = self.pending.position(workflow_id)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from comfyd.comfy import errors as comfy_errors
 from comfyd.comfy.client import BackendError, BackendUnreachable, ComfyClient
 from comfyd.config import BackendConfig
+from comfyd.errors import ComfydError
 from comfyd.messages import JobError, JobFinished
 from comfyd.outputs.collect import collect_outputs
 
@@ -32,7 +33,7 @@ async def conclude(client: ComfyClient, state: RunState, backend: BackendConfig,
     if tracker.succeeded or entry is not None:
         try:
             outputs = await collect_outputs(client, tracker.output_list(), outputs_dir, local=backend.shared_outputs)
-        except (BackendUnreachable, BackendError, OSError) as exc:
+        except (BackendUnreachable, BackendError, OSError, ComfydError) as exc:
             return job_result(state, backend.name, "failed", error=JobError(
                 error_type="internal", message=f"the outputs could not be collected: {exc}")), False
         return job_result(state, backend.name, "completed", outputs=tuple(outputs)), False

@@ -48,6 +48,7 @@ class Database:
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.writes = 0
+        self.on_commit: Any = None  # called with the batch size after each group commit (metrics)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -140,6 +141,8 @@ class Database:
             return
         self.batches += 1
         self.writes += len(batch)
+        if self.on_commit is not None:
+            self.on_commit(len(batch))
         for item in batch:
             _settle(item, None)
 

@@ -8,8 +8,6 @@ from aiohttp import web
 
 from comfyd.web.errors import Handler, error_response
 
-OPEN_PATHS = frozenset({"/", "/health"})
-
 
 def key_ok(presented: str | None, keys: list[bytes]) -> bool:
     if presented is None:

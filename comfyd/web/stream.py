@@ -82,9 +82,11 @@ async def _on_message(service: Any, client: StreamClient, text: str) -> None:
                 return
             client.topics.update(message.topics or [])
             client.subscriptions.update(ids)
+            client.narrowed = client.narrowed or bool(ids)
             for workflow_id in ids:
                 job = await service.jobs.get(workflow_id)
                 if job is None:
+                    client.subscriptions.discard(workflow_id)
                     _reply(client, {"type": "error", "workflowId": workflow_id,
                                     "message": f"Workflow {workflow_id} not found"})
                 else:

@@ -18,6 +18,7 @@ ENDPOINTS = {
         "listModels": "GET /v1/comfyui/models",
         "listOutputs": "GET /v1/comfyui/outputs",
         "getOutput": "GET /v1/comfyui/output/:filename",
+        "deleteOutput": "DELETE /v1/comfyui/outputs/:filename",
         "listBackends": "GET /v1/comfyui/backends",
         "listGpus": "GET /v1/comfyui/gpus",
         "listWorkflows": "GET /v1/comfyui/workflows",
@@ -45,7 +46,9 @@ async def health(request: web.Request) -> web.Response:
         status = "draining"
     body = {"status": status, "version": __version__, "queued": snapshot["queued"],
             "running": snapshot["running"], "backendsUp": backends_up, "backends": len(snapshot["backends"])}
-    return web.json_response(body, status=200 if service.accepting else 503)
+    if service.accepting:
+        return web.json_response(body)
+    return web.json_response(body, status=503, headers={"Retry-After": "10"})
 
 
 @routes.get("/metrics")

@@ -41,6 +41,7 @@ async def submit(request: web.Request) -> web.Response:
         if (existing := await service.jobs.by_idempotency_key(key)) is not None:
             return await _accepted(service, existing.id, existing.status, replayed=True)
     service.catalogue_check(body.workflow, body.gpu)
+    service.check_capacity()
     workflow_id = str(uuid.uuid4())
     workflow = body.workflow if body.keepPrefix else prefix_outputs(body.workflow, workflow_id)
     created_at = now_ms()
@@ -55,8 +56,8 @@ async def submit(request: web.Request) -> web.Response:
         if key is not None and (existing := await service.jobs.by_idempotency_key(key)) is not None:
             return await _accepted(service, existing.id, existing.status, replayed=True)
         raise
-    position = await service.scheduler.ask(
-        Enqueue(workflow_id=workflow_id, pool=body.gpu, priority=body.priority, rank=rank, seq=seq), ASK_TIMEOUT)
+    position = await service.enqueue(
+        Enqueue(workflow_id=workflow_id, pool=body.gpu, priority=body.priority, rank=rank, seq=seq))
     return web.json_response({"workflowId": workflow_id, "status": "queued", "queuePosition": position},
                              status=202, headers={"Location": f"/v1/comfyui/workflow/{workflow_id}"})
 
