@@ -116,11 +116,16 @@ async def test_validation_at_the_door(comfyd: Comfyd) -> None:
     assert 'comfyui_workflow_total{status="queued"} 0.0' in text.decode()
 
 
-async def test_binary_frames_do_not_break_the_executor(comfyd: Comfyd) -> None:
+async def test_binary_frames_do_not_break_the_executor_and_previews_are_kept(comfyd: Comfyd) -> None:
     graph = json.loads(json.dumps(workflow("progress_ws")))
     workflow_id = await comfyd.submit(graph)
     end = await comfyd.wait_end(workflow_id)
     assert end["type"] == "workflow:completed"
+    status, listing = await comfyd.request("GET", f"/v1/comfyui/outputs?workflowId={workflow_id}")
+    previews = [o for o in listing["outputs"] if o["folder"] == "temp"]
+    assert previews and all(o["filename"].startswith(f"{workflow_id}/_previews/") for o in previews)
+    async with comfyd.http.get(comfyd.url + previews[0]["url"]) as response:
+        assert response.status == 200 and (await response.read()).startswith(b"\x89PNG")
 
 
 async def _until(predicate, timeout: float = 10.0) -> None:

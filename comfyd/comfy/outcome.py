@@ -32,7 +32,8 @@ async def conclude(client: ComfyClient, state: RunState, backend: BackendConfig,
         return stopped_result(state, backend.name), False
     if tracker.succeeded or entry is not None:
         try:
-            outputs = await collect_outputs(client, tracker.output_list(), outputs_dir, local=backend.shared_outputs)
+            outputs = await collect_outputs(client, tracker.output_list(include_temp=True), outputs_dir,
+                                            local=backend.shared_outputs, workflow_id=run.workflow_id)
         except (BackendUnreachable, BackendError, OSError, ComfydError) as exc:
             return job_result(state, backend.name, "failed", error=JobError(
                 error_type="internal", message=f"the outputs could not be collected: {exc}")), False

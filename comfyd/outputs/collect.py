@@ -15,16 +15,22 @@ from comfyd.messages import Output
 from comfyd.outputs.files import describe, safe_relpath
 
 
-async def collect_outputs(client: ComfyClient, refs: list[Output], outputs_dir: Path, *,
-                          local: bool) -> list[Output]:
+PREVIEWS = "_previews"
+
+
+async def collect_outputs(client: ComfyClient, refs: list[Output], outputs_dir: Path, *, local: bool,
+                          workflow_id: str) -> list[Output]:
+    """Saved outputs keep ComfyUI's place in the outputs folder. Previews (``type: temp``, which ComfyUI wipes on
+    restart and never shares) are fetched into ``<workflowId>/_previews/`` so they stay with their workflow."""
     collected = []
     for ref in refs:
-        relpath = safe_relpath(ref.relpath)
-        path = outputs_dir / relpath
-        if not (local and path.is_file()):
+        temp = ref.folder_type != "output"
+        subfolder = f"{workflow_id}/{PREVIEWS}" if temp else ref.subfolder
+        path = outputs_dir / safe_relpath(f"{subfolder}/{ref.filename}" if subfolder else ref.filename)
+        if temp or not (local and path.is_file()):
             await client.download(filename=ref.filename, subfolder=ref.subfolder, folder_type=ref.folder_type,
                                   dest=path)
         facts = await asyncio.to_thread(describe, path)
-        collected.append(Output(filename=ref.filename, subfolder=ref.subfolder, folder_type=ref.folder_type,
+        collected.append(Output(filename=ref.filename, subfolder=subfolder, folder_type=ref.folder_type,
                                 node_id=ref.node_id, **facts))  # type: ignore[arg-type]
     return collected
