@@ -14,7 +14,6 @@ from comfyd.comfy.client import ComfyClient
 from comfyd.messages import Output
 from comfyd.outputs.files import describe, safe_relpath
 
-
 PREVIEWS = "_previews"
 
 
