@@ -58,8 +58,9 @@ async def submit(request: web.Request) -> web.Response:
         raise
     position = await service.enqueue(
         Enqueue(workflow_id=workflow_id, pool=body.gpu, priority=body.priority, rank=rank, seq=seq))
-    return web.json_response({"workflowId": workflow_id, "status": "queued", "queuePosition": position},
-                             status=202, headers={"Location": f"/v1/comfyui/workflow/{workflow_id}"})
+    body = _encode.encode({"workflowId": workflow_id, "status": "queued", "queuePosition": position})
+    return web.Response(body=body, status=202, content_type="application/json",
+                        headers={"Location": f"/v1/comfyui/workflow/{workflow_id}"})
 
 
 async def _accepted(service: Any, workflow_id: str, status: str, *, replayed: bool) -> web.Response:
