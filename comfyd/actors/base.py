@@ -148,6 +148,25 @@ class Actor(Generic[M]):
         task.add_done_callback(self._child_done)
         return task
 
+    def every(self, seconds: float, message: Callable[[], M], *, now: bool = False) -> None:
+        """Tell this actor ``message()`` every ``seconds`` (and at once with ``now``), from a child task that stop
+        cancels. A tick that finds the mailbox full is skipped: the next one comes soon enough."""
+
+        async def ticks() -> None:
+            if now:
+                self._tell_quietly(message())
+            while True:
+                await asyncio.sleep(seconds)  # the period of a timer, not a wait for a condition
+                self._tell_quietly(message())
+
+        self.spawn(ticks(), name=f"{self.name}:every")
+
+    def _tell_quietly(self, message: M) -> None:
+        try:
+            self.tell(message)
+        except (MailboxFull, ActorStopped):
+            pass
+
     def _child_done(self, task: asyncio.Task[Any]) -> None:
         self._children.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:

@@ -95,18 +95,12 @@ class Executor(Actor[Message]):
                           on_close=lambda reason: self.send(Disconnected(reason=reason)),
                           backoff_min=self.reconnect_min),
                    name=f"{self.name}:socket")
-        self.spawn(self._ticker(), name=f"{self.name}:ticker")
+        self.every(max(0.05, min(self.config.silence_seconds / 4, 5.0)), Tick)
 
     async def on_stop(self) -> None:
         for state in self.runs.values():
             if state.timer is not None:
                 state.timer.cancel()
-
-    async def _ticker(self) -> None:
-        interval = max(0.05, min(self.config.silence_seconds / 4, 5.0))
-        while True:
-            await asyncio.sleep(interval)  # periodic health of the runs; stop cancels it
-            await self.send(Tick())
 
     # -- messages ------------------------------------------------------------------------------------------
     async def handle(self, message: Message) -> Any:

@@ -43,15 +43,7 @@ class OutputIndexer(Actor[Message]):
         self.interval = interval
 
     async def on_start(self) -> None:
-        self.spawn(self._timer(), name="indexer:timer")
-
-    async def _timer(self) -> None:
-        while True:
-            try:
-                self.tell(Rescan())
-            except Exception:  # a rescan is still queued
-                pass
-            await asyncio.sleep(self.interval)  # rescan interval; cancelled on stop
+        self.every(self.interval, Rescan, now=True)
 
     async def handle(self, message: Message) -> Any:
         match message:

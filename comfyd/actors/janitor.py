@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import structlog
@@ -29,15 +28,7 @@ class Janitor(Actor[Message]):
         self.retention = retention
 
     async def on_start(self) -> None:
-        self.spawn(self._timer(), name="janitor:timer")
-
-    async def _timer(self) -> None:
-        while True:
-            await asyncio.sleep(self.retention.interval_seconds)  # housekeeping interval; cancelled on stop
-            try:
-                self.tell(Prune())
-            except Exception:  # a prune is still queued: skip this round
-                pass
+        self.every(self.retention.interval_seconds, Prune)
 
     async def handle(self, message: Message) -> Any:
         match message:

@@ -99,15 +99,7 @@ class Registry(Actor[Message]):
         return [e.registration for e in self.entries.values()]
 
     async def on_start(self) -> None:
-        self.spawn(self._timer(), name="registry:timer")
-
-    async def _timer(self) -> None:
-        while True:
-            try:
-                self.tell(Poll())
-            except Exception:  # a poll is still queued
-                pass
-            await asyncio.sleep(self.interval)  # health poll interval; cancelled on stop
+        self.every(self.interval, Poll, now=True)
 
     async def handle(self, message: Message) -> Any:
         match message:

@@ -105,7 +105,7 @@ class Scheduler(Actor[Message]):
         now = time.monotonic()
         up_pools = {b.pool for b in self.backends.values() if b.up}
         self.pool_down_since = {b.pool: now for b in self.backends.values() if b.pool not in up_pools}
-        self.spawn(self._ticker(), name="scheduler:ticker")
+        self.every(max(0.05, min(self.backend_wait / 4, 5.0)), Tick)
         log.info("scheduler_recovered", queued=len(self.pending), reattaching=reattached)
         self.recovered.set()
 
@@ -277,12 +277,6 @@ class Scheduler(Actor[Message]):
                 error=msg.error, timestamp=events.now_ms())))
         log.info("backend_up" if msg.up else "backend_down", backend=backend.name, pool=backend.pool,
                  error=msg.error)
-
-    async def _ticker(self) -> None:
-        interval = max(0.05, min(self.backend_wait / 4, 5.0))
-        while True:
-            await asyncio.sleep(interval)  # periodic check; cancelled with the actor
-            await self.send(Tick())
 
     def _fail_unserved_pools(self) -> None:
         now = time.monotonic()
