@@ -123,6 +123,14 @@ class JobFinished(Message, frozen=True):
     retry: bool = False
 
 
+class Released(Message, frozen=True):
+    """ComfyUI is done with the job's prompt (``executing {node: null}``): its slot is free for the next one
+    while comfyd still reads the result, so the GPU is never kept waiting on comfyd's bookkeeping."""
+
+    workflow_id: str
+    backend: str
+
+
 class Returned(Message, frozen=True):
     """The executor could not hand the job to ComfyUI at all (backend went away): queue it again as it was."""
 

@@ -51,6 +51,7 @@ from comfyd.messages import (
     JobProgress,
     JobStarted,
     Message,
+    Released,
     Returned,
     Run,
     Withdraw,
@@ -221,6 +222,7 @@ class Executor(Actor[Message]):
         if state.finishing:
             return
         state.finishing = True
+        self._report(Released(workflow_id=state.run.workflow_id, backend=self.config.name))
         self.spawn(self._conclude(state), name=f"{self.name}:conclude")
 
     # -- ending a run --------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from comfyd.messages import (
     JobStarted,
     Message,
     QueuePosition,
+    Released,
     RetireBackend,
     Returned,
     Run,
@@ -126,6 +127,9 @@ class Scheduler(Actor[Message]):
                 self._finished(message)
             case Returned():
                 self._returned(message)
+            case Released():
+                if (job := self.active.get(message.workflow_id)) is not None:
+                    self._release(job)  # the slot serves the next job while the result is read
             case BackendState():
                 self._backend_state(message)
             case Dispatched():

@@ -38,7 +38,8 @@ _encode = msgspec.json.Encoder()
 @routes.get("/v1/comfyui/stream")
 async def stream(request: web.Request) -> web.WebSocketResponse:
     service = request.app[SERVICE]
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=64 * 1024)
+    # No permessage-deflate: compressing every event once per client costs more than the whole fan-out.
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=64 * 1024, compress=False)
     await ws.prepare(request)
     client = StreamClient(ws, queue_size=service.stream_queue_size, max_backlog=service.stream_max_backlog)
     service.broadcaster.register(client)
