@@ -210,7 +210,23 @@ class ComfydServe:
         return self.process.pid
 
     def start(self, wait: bool = True, timeout: float = 60.0) -> float:
-        """Spawn; with ``wait`` return once /health answers. Returns the monotonic spawn time."""
+        """Spawn; with ``wait`` return once /health answers. Returns the monotonic spawn time. If the port was
+        taken meanwhile (a shared machine), start again on another free port."""
+        for attempt in range(3):
+            started = self._spawn()
+            if not wait:
+                return started
+            try:
+                self.wait_ready(timeout)
+                return started
+            except RuntimeError:
+                if attempt == 2 or "address already in use" not in self.tail().lower():
+                    raise
+                self.port = free_port()
+                self.env["COMFYD_PORT"] = str(self.port)
+        raise AssertionError("unreachable")
+
+    def _spawn(self) -> float:
         assert self.process is None or self.process.poll() is not None, "already running"
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
@@ -221,8 +237,6 @@ class ComfydServe:
         self.process = track(subprocess.Popen(command, env=self.env, cwd=cwd, stdin=subprocess.DEVNULL,
                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
-        if wait:
-            self.wait_ready(timeout)
         return self.started_at
 
     def wait_ready(self, timeout: float = 60.0) -> float:

@@ -279,7 +279,7 @@ def throughput(args: argparse.Namespace, workdir: Path) -> dict[str, list[dict[s
             profile_dir = Path(args.profile) if args.profile and kind == "comfyd" and round_no == 1 else None
             r = measure_one(target, script, args, profile_dir)
             results[kind].append(r)
-            extra = f" rows+{r['rows']}" if "rows" in r else ""
+            extra = f" {r.get('requests', 0)} answered, {r['rows']} rows committed" if "rows" in r else ""
             print(f"  round {round_no} {kind:6s}: {r['rps']:8.0f} req/s  p50 {r['p50']:6.2f} ms  p99 {r['p99']:6.2f} ms"
                   f"  server CPU {r['server_cpu'] * 100:3.0f}% = {r['cpu_us_per_req']:4.0f} µs/req  load {r['loadavg1']:.1f}"
                   f"  non-2xx {r['non2xx']}  {r['socket_errors']}{extra}",
