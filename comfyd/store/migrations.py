@@ -71,4 +71,8 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE workflows ADD COLUMN dispatches INTEGER NOT NULL DEFAULT 0;
     """,
+    # 3: listing outputs of one kind without scanning the whole index
+    """
+    CREATE INDEX outputs_by_kind ON outputs (kind, created_at DESC, id DESC);
+    """,
 ]
