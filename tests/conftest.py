@@ -14,8 +14,14 @@ from tests.harness import Comfyd, make_config
 
 
 @pytest.fixture
-async def standin(tmp_path: Path) -> AsyncIterator[StandInComfyUI]:
-    server = StandInComfyUI(tmp_path / "comfy", node_time=0.002)
+def standin_node_time() -> float:
+    """Seconds each node takes in the stand-in; a test module may override this fixture."""
+    return 0.002
+
+
+@pytest.fixture
+async def standin(tmp_path: Path, standin_node_time: float) -> AsyncIterator[StandInComfyUI]:
+    server = StandInComfyUI(tmp_path / "comfy", node_time=standin_node_time)
     await server.start()
     try:
         yield server

@@ -45,15 +45,9 @@ def wid_of(prompt_id: str) -> str:
 
 
 @pytest.fixture
-async def standin(tmp_path: Path) -> AsyncIterator[StandInComfyUI]:
+def standin_node_time() -> float:
     """Nodes take 10 ms: a quick job is in ComfyUI for ~40 ms, long enough to be caught there by a kill."""
-    server = StandInComfyUI(tmp_path / "comfy", node_time=0.01)
-    await server.start()
-    try:
-        yield server
-    finally:
-        server.release()
-        await server.stop()
+    return 0.01
 
 
 # -- what every case checks ----------------------------------------------------------------------------------
