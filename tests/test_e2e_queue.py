@@ -26,10 +26,7 @@ async def test_run_order_is_high_normal_low_fifo_within(comfyd: Comfyd, standin)
     order = ["low", "normal", "high", "normal", "high", "low", "high"]
     ids = [await comfyd.submit(quick(10 + i), priority=p) for i, p in enumerate(order)]
     highs, normals, lows = ([i for i, q in zip(ids, order) if q == p] for p in ("high", "normal", "low"))
-    # the normal job that waited inside ComfyUI was outranked: taken back, the first high one took its place
-    await standin.wait_for(lambda: [p.rsplit("-", 1)[0] for p in standin.pending_prompt_ids] == highs[:1])
-    still_queued = [*highs[1:], waiting, *normals, *lows]  # in dispatch order
-    assert [(await comfyd.get(i))["queuePosition"] for i in still_queued] == list(range(len(still_queued)))
+    # (queue positions in priority order are checked with the backend down in tests/web/test_edge.py)
     standin.release()
     for workflow_id in ids:
         assert (await comfyd.wait_end(workflow_id))["type"] == "workflow:completed"

@@ -1,12 +1,10 @@
 """One executor per backend (one ComfyUI server, usually one GPU): it drives the jobs the scheduler hands it.
 
-It posts each prompt with its own ``client_id`` and a prompt_id chosen by comfyd (``<workflow>-<attempt>``,
-persisted before the POST, so after a crash the prompt can be found again and is never posted twice for one
-attempt), follows the WebSocket, and reports upward with ``tell``/``send`` only. It never trusts the socket
-alone: a run that hears nothing for ``silence_seconds`` is checked against ``/history`` and ``/queue``, and
-after a reconnect every run is reconciled the same way. Network calls run in child tasks whose results come
-back as messages, so the message loop never waits on ComfyUI.
-"""
+It posts each prompt with its own ``client_id`` under a prompt_id chosen and persisted by comfyd before the
+POST (so after a crash the prompt is found again, never posted twice), follows the WebSocket, and reports
+upward with ``tell`` only. It never trusts the socket alone: silent runs, and every run after a reconnect,
+are checked against ``/history`` and ``/queue``. Network calls run in child tasks whose results come back
+as messages, so the message loop never waits on ComfyUI."""
 
 from __future__ import annotations
 
@@ -19,27 +17,12 @@ import aiohttp
 import msgspec
 import structlog
 
+from comfyd.actors import executor_state as inbox  # the executor's private messages
 from comfyd.actors.base import Actor, MailboxFull
-from comfyd.actors.executor_state import (
-    CatalogueLoaded,
-    Checked,
-    Connected,
-    Disconnected,
-    Done,
-    FrameIn,
-    Posted,
-    Rejected,
-    RunState,
-    Tick,
-    Unreachable,
-)
+from comfyd.actors.executor_state import RunState
 from comfyd.comfy import probe
 from comfyd.comfy.catalogue import Catalogue
-from comfyd.comfy.client import (
-    BackendError,
-    BackendUnreachable,
-    ComfyClient,
-)
+from comfyd.comfy.client import BackendError, BackendUnreachable, ComfyClient
 from comfyd.comfy.connection import Frame, follow
 from comfyd.comfy.outcome import conclude, job_result, stopped_result
 from comfyd.comfy.tracker import PromptTracker
@@ -86,17 +69,29 @@ class Executor(Actor[Message]):
 
     @property
     def capacity(self) -> int:
-        return 1 + max(0, self.config.prefetch)
+        """One running, ``prefetch`` waiting inside ComfyUI, one staged here to post the moment a prompt ends."""
+        return 2 + max(0, self.config.prefetch)
+
+    def _in_comfyui(self) -> int:
+        return sum(1 for s in self.runs.values() if not s.staged and not s.finishing)
+
+    def _post_staged(self) -> None:
+        for state in self.runs.values():
+            if self._in_comfyui() >= 1 + max(0, self.config.prefetch) or not self.up:
+                return
+            if state.staged:
+                state.staged = False
+                self.spawn(self._post(state.run), name=f"{self.name}:post")
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     async def on_start(self) -> None:
         self.spawn(follow(self.session, self.client.ws_url(self.client_id),
-                          on_open=lambda: self.send(Connected()),
-                          on_frame=lambda frame: self.send(FrameIn(frame=frame)),
-                          on_close=lambda reason: self.send(Disconnected(reason=reason)),
+                          on_open=lambda: self.send(inbox.Connected()),
+                          on_frame=lambda frame: self.send(inbox.FrameIn(frame=frame)),
+                          on_close=lambda reason: self.send(inbox.Disconnected(reason=reason)),
                           backoff_min=self.reconnect_min),
                    name=f"{self.name}:socket")
-        self.every(max(0.05, min(self.config.silence_seconds / 4, 5.0)), Tick)
+        self.every(max(0.05, min(self.config.silence_seconds / 4, 5.0)), inbox.Tick)
 
     async def on_stop(self) -> None:
         for state in self.runs.values():
@@ -112,25 +107,25 @@ class Executor(Actor[Message]):
                 self._stop_run(message.workflow_id, message.reason)
             case Withdraw():
                 self._withdraw(message.workflow_id)
-            case CatalogueLoaded():
+            case inbox.CatalogueLoaded():
                 self.catalogue = Catalogue(message.object_info)
-            case FrameIn():
+            case inbox.FrameIn():
                 self._frame(message.frame)
-            case Posted():
+            case inbox.Posted():
                 self._posted(message.prompt_id)
-            case Rejected():
+            case inbox.Rejected():
                 self._finish(message.prompt_id, "failed", error=message.error)
-            case Unreachable():
+            case inbox.Unreachable():
                 self._unreachable(message.prompt_id, message.reason)
-            case Checked():
+            case inbox.Checked():
                 self._checked(message)
-            case Done():
+            case inbox.Done():
                 self._done(message)
-            case Connected():
+            case inbox.Connected():
                 self._connected()
-            case Disconnected():
+            case inbox.Disconnected():
                 self._mark_down(message.reason)
-            case Tick():
+            case inbox.Tick():
                 self._tick()
             case _:
                 raise TypeError(f"executor cannot handle {type(message).__name__}")
@@ -147,6 +142,8 @@ class Executor(Actor[Message]):
             self._check(state)
         elif not self.up:
             self._return(state, "backend is down")
+        elif self._in_comfyui() > 1 + max(0, self.config.prefetch):  # counts this one too
+            state.staged = True
         else:
             self.spawn(self._post(state.run), name=f"{self.name}:post")
 
@@ -224,6 +221,7 @@ class Executor(Actor[Message]):
         state.finishing = True
         self._report(Released(workflow_id=state.run.workflow_id, backend=self.config.name))
         self.spawn(self._conclude(state), name=f"{self.name}:conclude")
+        self._post_staged()
 
     # -- ending a run --------------------------------------------------------------------------------------
     async def _conclude(self, state: RunState, entry: dict[str, Any] | None = None) -> None:
@@ -235,14 +233,15 @@ class Executor(Actor[Message]):
                 error_type="internal", message=f"comfyd could not read the result: {exc!r}")), False
         if oom:
             self.needs_free = True
-        await self.send(Done(prompt_id=state.run.prompt_id, result=result))
+        await self.send(inbox.Done(prompt_id=state.run.prompt_id, result=result))
 
     def _finish(self, prompt_id: str, status: str, *, error: JobError | None = None, retry: bool = False) -> None:
         state = self.runs.get(prompt_id)
         if state is not None:
-            self._done(Done(prompt_id=prompt_id, result=job_result(state, self.config.name, status, error=error, retry=retry)))
+            result = job_result(state, self.config.name, status, error=error, retry=retry)
+            self._done(inbox.Done(prompt_id=prompt_id, result=result))
 
-    def _done(self, message: Done) -> None:
+    def _done(self, message: inbox.Done) -> None:
         state = self.runs.pop(message.prompt_id, None)
         if state is None:
             return
@@ -250,11 +249,13 @@ class Executor(Actor[Message]):
         if state.timer is not None:
             state.timer.cancel()
         self._report(message.result)
+        self._post_staged()
 
     def _return(self, state: RunState, reason: str) -> None:
         self.runs.pop(state.run.prompt_id, None)
         self.by_workflow.pop(state.run.workflow_id, None)
         self._report(Returned(workflow_id=state.run.workflow_id, backend=self.config.name, reason=reason))
+        self._post_staged()
 
     # -- cancel and timeout --------------------------------------------------------------------------------
     def _stop_run(self, workflow_id: str, reason: str) -> None:
@@ -265,7 +266,9 @@ class Executor(Actor[Message]):
         if state.stop_reason is None:
             state.stop_reason = reason
             state.stop_asked_at = time.monotonic()
-        if state.posted:
+        if state.staged:  # never reached ComfyUI: it ends here
+            self._done(inbox.Done(prompt_id=state.run.prompt_id, result=stopped_result(state, self.config.name)))
+        elif state.posted:
             self._ask_comfyui_to_stop(state)
 
     def _ask_comfyui_to_stop(self, state: RunState) -> None:
@@ -275,6 +278,9 @@ class Executor(Actor[Message]):
     def _withdraw(self, workflow_id: str) -> None:
         """Outranked while waiting inside ComfyUI: take it back so a more urgent job can go first."""
         state = self.runs.get(self.by_workflow.get(workflow_id, ""))
+        if state is not None and state.staged:
+            self._return(state, "taken back before it reached ComfyUI")
+            return
         if state is None or state.started or state.finishing or state.stop_reason or not state.posted:
             return
         self.spawn(self._ask(probe.take_back, state.run.prompt_id), name=f"{self.name}:withdraw")
@@ -290,9 +296,9 @@ class Executor(Actor[Message]):
         """Run one of ``comfy.probe``'s questions in a child task; its answer comes back as ``Checked``."""
         answer = await question(self.client, prompt_id)
         where, entry = answer if isinstance(answer, tuple) else (answer, None)
-        await self.send(Checked(prompt_id=prompt_id, where=where, entry=entry))
+        await self.send(inbox.Checked(prompt_id=prompt_id, where=where, entry=entry))
 
-    def _checked(self, message: Checked) -> None:
+    def _checked(self, message: inbox.Checked) -> None:
         state = self.runs.get(message.prompt_id)
         if state is None:
             return
@@ -312,7 +318,7 @@ class Executor(Actor[Message]):
                 if not state.started and not state.finishing:
                     self._return(state, "outranked while waiting inside ComfyUI")
             case "gone" if state.stop_reason is not None:
-                self._done(Done(prompt_id=message.prompt_id, result=stopped_result(state, self.config.name)))
+                self._done(inbox.Done(prompt_id=message.prompt_id, result=stopped_result(state, self.config.name)))
             case "unknown" | "gone":
                 self._lost(state)
             case "unreachable" | "interrupting" | "running-or-gone":
@@ -320,7 +326,7 @@ class Executor(Actor[Message]):
 
     def _lost(self, state: RunState) -> None:
         if state.stop_reason is not None:
-            self._done(Done(prompt_id=state.run.prompt_id, result=stopped_result(state, self.config.name)))
+            self._done(inbox.Done(prompt_id=state.run.prompt_id, result=stopped_result(state, self.config.name)))
         elif state.run.reattach and not state.started and not state.tracker.finished:
             # Recovered job that ComfyUI never saw (or lost before it started): post it now, same attempt.
             state.run = msgspec.structs.replace(state.run, reattach=False)
@@ -346,7 +352,7 @@ class Executor(Actor[Message]):
                 continue
             if state.stop_reason is not None and now - state.stop_asked_at > self.cancel_grace:
                 log.warning("comfyui_stop_unconfirmed", backend=self.config.name, workflow_id=state.run.workflow_id)
-                self._done(Done(prompt_id=state.run.prompt_id, result=stopped_result(state, self.config.name)))
+                self._done(inbox.Done(prompt_id=state.run.prompt_id, result=stopped_result(state, self.config.name)))
             elif now - state.last_heard > self.config.silence_seconds:
                 self._check(state)
 
@@ -362,7 +368,7 @@ class Executor(Actor[Message]):
 
     async def _load_catalogue(self) -> None:
         try:
-            await self.send(CatalogueLoaded(object_info=await self.client.object_info()))
+            await self.send(inbox.CatalogueLoaded(object_info=await self.client.object_info()))
         except (BackendUnreachable, BackendError) as exc:
             log.warning("comfyui_object_info_failed", backend=self.config.name, error=str(exc))
 
@@ -372,6 +378,8 @@ class Executor(Actor[Message]):
             self.up = False
             self.down_since = time.monotonic()
             self._report(BackendState(backend=self.config.name, up=False, error=reason))
+        for state in [s for s in self.runs.values() if s.staged]:
+            self._return(state, "backend is down")
 
     def _report(self, message: Message) -> None:
         """Tell the scheduler; under overload progress may drop, but an outcome waits for room."""
@@ -382,7 +390,7 @@ class Executor(Actor[Message]):
                 self.spawn(self.scheduler.send(message), name=f"{self.name}:report")
 
     def snapshot(self) -> dict[str, Any]:
+        state = "retired" if self.retired else "up" if self.up else "down"
         return {"name": self.config.name, "url": self.config.url, "pool": self.config.pool, "gpu": self.config.gpu,
-                "state": "retired" if self.retired else "up" if self.up else "down", "lastError": self.last_error,
-                "nodeClasses": len(self.catalogue) if self.catalogue else None,
-                "jobs": [s.run.workflow_id for s in self.runs.values()]}
+                "state": state, "lastError": self.last_error, "jobs": [s.run.workflow_id for s in self.runs.values()],
+                "nodeClasses": len(self.catalogue) if self.catalogue else None}

@@ -70,6 +70,7 @@ class RunState:
     stop_reason: str | None = None  # "cancel" | "timeout" once asked to stop
     stop_asked_at: float = 0.0
     stop_asks: int = 0
+    staged: bool = False  # held by comfyd (dispatch committed), posted the moment a prompt leaves ComfyUI
     last_heard: float = field(default_factory=time.monotonic)
     reported_progress: float = -1.0
     reported_node: str | None = None
