@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-from tests.harness import Comfyd, workflow
+from tests.harness import Comfyd, until, workflow
 
 
 def quick(n: int) -> dict:
@@ -25,7 +24,7 @@ async def test_comfyui_restart_mid_job_retries_and_backend_goes_down_then_up(sta
     await standin.wait_for(lambda: standin.held is not None)
     await standin.stop()  # like a crash: the socket ends with 1006, the prompt is gone
     backend = comfyd.service.scheduler.backends["gpu0"]
-    await _until(lambda: not backend.up)
+    await until(lambda: not backend.up)
     assert (await _backend(comfyd))["state"] == "down"
     standin.release()
     await standin.start()  # comes back empty: queue and history gone
@@ -99,7 +98,7 @@ async def test_oom_is_mapped_and_memory_freed_before_next_job(comfyd: Comfyd, st
 
 async def test_validation_at_the_door(comfyd: Comfyd) -> None:
     executor = comfyd.service.executors["gpu0"]
-    await _until(lambda: executor.catalogue is not None)
+    await until(lambda: executor.catalogue is not None)
     unknown = workflow("fail_validation_unknown_class")
     status, body = await comfyd.request("POST", "/v1/comfyui/workflow", json={"workflow": unknown})
     assert status == 400 and "NoSuchNodeClass" in body["message"] and body["field"] == "workflow.2.class_type"
@@ -128,12 +127,6 @@ async def test_binary_frames_do_not_break_the_executor_and_previews_are_kept(com
         assert response.status == 200 and (await response.read()).startswith(b"\x89PNG")
 
 
-async def _until(predicate, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0)
-
-
 async def test_no_backend_of_the_pool_up_fails_backend_unavailable(comfyd_factory) -> None:
     comfyd: Comfyd = await comfyd_factory(["http://127.0.0.1:9"], backend_wait=0.2)  # nothing listens there
     workflow_id = await comfyd.submit(quick(8))
@@ -145,7 +138,7 @@ async def test_no_backend_of_the_pool_up_fails_backend_unavailable(comfyd_factor
 async def test_backend_events_reach_clients_that_ask_for_them(standin, comfyd_factory) -> None:
     comfyd: Comfyd = await comfyd_factory([standin])
     backend = comfyd.service.scheduler.backends["gpu0"]
-    await _until(lambda: backend.up)
+    await until(lambda: backend.up)
     async with comfyd.stream() as watcher, comfyd.stream() as other:
         await watcher.send_json({"type": "subscribe", "topics": ["backend"]})
         await watcher.send_json({"type": "ping"})
