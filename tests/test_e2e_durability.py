@@ -10,18 +10,18 @@ from tests.harness import Comfyd, workflow
 async def test_full_database_is_503_with_retry_after_and_no_job(comfyd_factory) -> None:
     comfyd: Comfyd = await comfyd_factory(["http://127.0.0.1:9"])
     kept = await comfyd.submit(workflow("quick"))
-    writer = comfyd.service.db._writer  # noqa: SLF001 - the test fills the disk, as it were
-    (pages,) = await (await writer.execute("PRAGMA page_count")).fetchone()
-    await writer.execute(f"PRAGMA max_page_count = {pages}")
+    writer = comfyd.service.db._writer
+    (pages,) = writer.execute("PRAGMA page_count").fetchone()
+    writer.execute(f"PRAGMA max_page_count = {pages}")
     big = workflow("quick", **{"3.filename_prefix": "x" * 200_000})  # needs new pages
     async with comfyd.http.post(comfyd.url + "/v1/comfyui/workflow", json={"workflow": big}) as response:
         body = await response.json()
         assert response.status == 503 and int(response.headers["Retry-After"]) > 0
         assert "database" in body["message"]
-    (count,) = await (await writer.execute("SELECT COUNT(*) FROM workflows")).fetchone()
+    (count,) = writer.execute("SELECT COUNT(*) FROM workflows").fetchone()
     assert count == 1  # nothing half-stored for the refused request
     assert (await comfyd.get(kept))["status"] == "queued"  # and nothing already accepted is lost
-    await writer.execute("PRAGMA max_page_count = 1073741823")
+    writer.execute("PRAGMA max_page_count = 1073741823")
     assert await comfyd.submit(big)
 
 
@@ -40,7 +40,7 @@ async def test_locked_database_is_503_not_a_crash(comfyd_factory) -> None:
     import sqlite3
 
     comfyd: Comfyd = await comfyd_factory(["http://127.0.0.1:9"])
-    await comfyd.service.db._writer.execute("PRAGMA busy_timeout = 50")  # noqa: SLF001 - fail fast in the test
+    comfyd.service.db._writer.execute("PRAGMA busy_timeout = 50")
     other = sqlite3.connect(comfyd.service.config.db_path, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
     try:

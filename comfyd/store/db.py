@@ -1,11 +1,19 @@
 """The one owner of the SQLite database: WAL mode, numbered migrations, group commit.
 
 Writers call ``write(statements)`` and get a future that resolves once their statements are committed.
-A single writer task drains whatever is waiting into one transaction (group commit), running runs of the
-same statement with ``executemany``, so a burst of submissions costs one fsync, not one each. If a batch
+Whatever is written during one turn of the event loop goes into one transaction (group commit), runs of the
+same statement through ``executemany``, so a burst of submissions costs one commit, not one each. If a batch
 fails, each caller's statements are retried in a transaction of their own so that one bad write (say, a
-duplicate idempotency key) fails only its own caller. Reads use a second connection: in WAL mode they never
-wait for the writer and never see an uncommitted batch.
+duplicate idempotency key) fails only its own caller.
+
+Where the commit runs depends on ``synchronous``. With NORMAL (or OFF) a WAL commit is an append to the WAL
+file with no fsync, a few microseconds per row, so it runs right on the event loop: handing it to a thread
+costs more than the write (each hop passes the GIL back and forth). The fsyncs that NORMAL does make happen in
+checkpoints, and those run on a connection of their own in aiosqlite's thread, never on the loop. With FULL
+(or EXTRA) every commit waits for an fsync, so commits run in a writer thread instead.
+
+Reads use a second connection (aiosqlite): in WAL mode they never wait for the writer and never see an
+uncommitted batch.
 """
 
 from __future__ import annotations
@@ -13,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +36,8 @@ from comfyd.store.migrations import MIGRATIONS
 log = structlog.get_logger("comfyd.store")
 
 Statement = tuple[str, Sequence[Any]]
+LOOP_BUSY_TIMEOUT_MS = 200  # the longest a commit on the event loop waits for another process's lock
+CHECKPOINT_EVERY = 2000  # WAL frames' worth of writes (roughly) between background checkpoints
 
 
 @dataclass(slots=True)
@@ -39,135 +50,166 @@ class Database:
     def __init__(self, path: Path, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000,
                  batch_max: int = 512, queue_max: int = 100_000) -> None:
         self.path = path
-        self.synchronous = synchronous
+        self.synchronous = synchronous.upper()
         self.busy_timeout_ms = busy_timeout_ms
         self.batch_max = batch_max
-        self._queue: asyncio.Queue[_Write | None] = asyncio.Queue(queue_max)
-        self._writer: aiosqlite.Connection | None = None
+        self.queue_max = queue_max
+        self.offloaded = self.synchronous in ("FULL", "EXTRA")  # commits wait for fsync: keep them off the loop
+        self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._checkpointer: aiosqlite.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._pending: list[_Write] = []
+        self._flush_scheduled = False
+        self._committing = False
+        self._idle = asyncio.Event()
+        self._closed = True
+        self._since_checkpoint = 0
+        self._checkpoint: asyncio.Task[None] | None = None
         self.batches = 0
         self.writes = 0
-        self.on_commit: Any = None  # called with the batch size after each group commit (metrics)
+        self.checkpoints = 0
+        self.on_commit: Callable[[int], Any] | None = None  # called with the batch size after each commit
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await self._connect()
-        await self._migrate(self._writer)
+        self._writer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        busy = self.busy_timeout_ms if self.offloaded else min(self.busy_timeout_ms, LOOP_BUSY_TIMEOUT_MS)
+        for pragma in _pragmas(self.synchronous, busy):
+            self._writer.execute(pragma)
+        if not self.offloaded:
+            self._writer.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints (and their fsyncs) run elsewhere
+        self._migrate(self._writer)
+        if self.offloaded:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="comfyd-db-writer")
         self._reader = await self._connect()
         await self._reader.execute("PRAGMA query_only = ON")
-        self._task = asyncio.create_task(self._write_loop(), name="store:writer")
+        self._checkpointer = await self._connect()
+        self._closed = False
+        self._idle.set()
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         conn.row_factory = sqlite3.Row
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-        await conn.execute("PRAGMA foreign_keys = ON")
+        for pragma in _pragmas(self.synchronous, self.busy_timeout_ms):
+            await conn.execute(pragma)
         return conn
 
-    async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        (version,) = await (await conn.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            await conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in filter(str.strip, script.split(";")):
-                    await conn.execute(statement)
-                await conn.execute(f"PRAGMA user_version = {number}")
-                await conn.execute("COMMIT")
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+                conn.execute("COMMIT")
             except BaseException:
-                await conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 raise
             log.info("database_migrated", version=number, path=str(self.path))
 
     async def close(self) -> None:
-        """Commit what is queued, then close both connections."""
-        if self._task is not None:
-            await self._queue.put(None)
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        for conn in (self._reader, self._writer):
+        """Commit what is queued, then close the connections (the last one to close checkpoints the WAL)."""
+        if self._closed:
+            return
+        self._closed = True
+        while self._pending or self._committing:
+            if not self._flush_scheduled and not self._committing:
+                self._flush()
+            else:
+                self._idle.clear()
+                await self._idle.wait()
+        if self._checkpoint is not None:
+            await asyncio.gather(self._checkpoint, return_exceptions=True)
+        for conn in (self._reader, self._checkpointer):
             if conn is not None:
                 await conn.close()
-        self._reader = self._writer = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._checkpointer = self._writer = self._thread = None
 
     # -- writes ------------------------------------------------------------------------------------------
     def write(self, statements: Iterable[Statement]) -> asyncio.Future[None]:
         """Queue statements for the next group commit; the future resolves once they are durable."""
-        if self._task is None or self._task.done():
+        if self._closed:
             raise StorageError("the database is closed")
+        if len(self._pending) >= self.queue_max:
+            raise StorageError("the database is behind on writes; try again shortly", retry_after=1)
         item = _Write(list(statements))
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            raise StorageError("the database is behind on writes; try again shortly", retry_after=1) from None
+        self._pending.append(item)
+        if not self._flush_scheduled and not self._committing:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
         return item.future
 
-    async def _write_loop(self) -> None:
-        stop = False
-        while not stop:
-            first = await self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < self.batch_max:
-                try:
-                    item = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            await self._commit(batch)
+    def _flush(self) -> None:
+        """Commit what this turn of the loop wrote: here, or in the writer thread when commits fsync."""
+        self._flush_scheduled = False
+        if not self._pending or self._writer is None:
+            return
+        batch, self._pending = self._pending[:self.batch_max], self._pending[self.batch_max:]
+        self._committing = True
+        if self._thread is None:
+            self._committed(batch, self._commit(batch))
+            return
+        done = asyncio.get_running_loop().run_in_executor(self._thread, self._commit, batch)
+        done.add_done_callback(lambda f: self._committed(batch, _outcomes(f, len(batch))))
 
-    async def _commit(self, batch: list[_Write]) -> None:
+    def _commit(self, batch: list[_Write]) -> list[Exception | None]:
+        """One transaction for the batch; if it fails, one per caller, so a bad write fails only its own."""
         assert self._writer is not None
         try:
-            await self._run_transaction(self._writer, [s for w in batch for s in w.statements])
-        except (sqlite3.Error, OverflowError, ValueError) as exc:
+            _run_transaction(self._writer, [s for w in batch for s in w.statements])
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to its callers, none is lost here
             if len(batch) == 1:
-                _settle(batch[0], _storage_error(exc))
-                return
-            for item in batch:  # isolate the bad write: each caller on its own
+                return [_storage_error(exc)]
+            outcomes: list[Exception | None] = []
+            for item in batch:
                 try:
-                    await self._run_transaction(self._writer, item.statements)
-                except (sqlite3.Error, OverflowError, ValueError) as one:
-                    _settle(item, _storage_error(one))
+                    _run_transaction(self._writer, item.statements)
+                except Exception as one:  # noqa: BLE001 - as above, for one caller
+                    outcomes.append(_storage_error(one))
                 else:
-                    _settle(item, None)
-            return
-        self.batches += 1
-        self.writes += len(batch)
-        if self.on_commit is not None:
-            self.on_commit(len(batch))
-        for item in batch:
-            _settle(item, None)
+                    outcomes.append(None)
+            return outcomes
+        return [None] * len(batch)
 
-    @staticmethod
-    async def _run_transaction(conn: aiosqlite.Connection, statements: list[Statement]) -> None:
-        await conn.execute("BEGIN IMMEDIATE")
+    def _committed(self, batch: list[_Write], outcomes: list[Exception | None]) -> None:
+        self._committing = False
+        stored = sum(1 for o in outcomes if o is None)
+        if stored:
+            self.batches += 1
+            self.writes += stored
+            self._since_checkpoint += sum(len(w.statements) for w in batch)
+            if self.on_commit is not None:
+                self.on_commit(stored)
+        for item, outcome in zip(batch, outcomes):
+            _settle(item, outcome)
+        if self._pending:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            self._idle.set()
+        if not self.offloaded and self._since_checkpoint >= CHECKPOINT_EVERY and self._checkpoint is None:
+            self._since_checkpoint = 0
+            self._checkpoint = asyncio.get_running_loop().create_task(self._run_checkpoint(), name="store:checkpoint")
+
+    async def _run_checkpoint(self) -> None:
+        """Copy the WAL back into the database (with its fsyncs) in aiosqlite's thread; PASSIVE never blocks
+        the writer. The WAL file is reused from its start once a checkpoint has caught up."""
         try:
-            i = 0
-            while i < len(statements):  # runs of one statement text go through executemany
-                sql = statements[i][0]
-                j = i
-                while j < len(statements) and statements[j][0] == sql:
-                    j += 1
-                if j - i == 1:
-                    await conn.execute(sql, statements[i][1])
-                else:
-                    await conn.executemany(sql, [params for _, params in statements[i:j]])
-                i = j
-            await conn.execute("COMMIT")
-        except BaseException:
-            try:
-                await conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise
+            if self._checkpointer is not None:
+                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self.checkpoints += 1
+        except sqlite3.Error as exc:
+            log.warning("database_checkpoint_failed", error=str(exc))
+        finally:
+            self._checkpoint = None
 
     # -- reads -------------------------------------------------------------------------------------------
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
@@ -185,6 +227,43 @@ class Database:
                 return list(await cursor.fetchall())
         except sqlite3.OperationalError as exc:
             raise _storage_error(exc) from exc
+
+
+def _pragmas(synchronous: str, busy_timeout_ms: int) -> list[str]:
+    return ["PRAGMA journal_mode = WAL", f"PRAGMA synchronous = {synchronous}",
+            f"PRAGMA busy_timeout = {int(busy_timeout_ms)}", "PRAGMA foreign_keys = ON"]
+
+
+def _run_transaction(conn: sqlite3.Connection, statements: list[Statement]) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        i = 0
+        while i < len(statements):  # runs of one statement text go through executemany
+            sql = statements[i][0]
+            j = i
+            while j < len(statements) and statements[j][0] == sql:
+                j += 1
+            if j - i == 1:
+                conn.execute(sql, statements[i][1])
+            else:
+                conn.executemany(sql, [params for _, params in statements[i:j]])
+            i = j
+        conn.execute("COMMIT")
+    except BaseException:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        raise
+
+
+def _outcomes(done: asyncio.Future[list[Exception | None]], size: int) -> list[Exception | None]:
+    if done.cancelled():
+        return [StorageError("the database writer stopped")] * size
+    exc = done.exception()
+    if exc is not None:
+        return [exc if isinstance(exc, Exception) else StorageError(repr(exc))] * size
+    return done.result()
 
 
 def _settle(item: _Write, error: Exception | None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from comfyd.store.db import Database, now_ms
 
-BATCH = 1000
+BATCH = 200
 
 
 async def prune_finished(db: Database, *, days: float, max_finished: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import uuid
 from typing import Any
 
 import msgspec
@@ -14,6 +13,7 @@ from comfyd.actors.pending import rank_for
 from comfyd.actors.scheduler_state import CancelOutcome
 from comfyd.errors import BadRequest, Conflict, NotFound, Unavailable
 from comfyd.events import output_view
+from comfyd.ids import uuid7
 from comfyd.messages import TERMINAL, CancelJob, Enqueue
 from comfyd.store.db import now_ms
 from comfyd.store.jobs import JobRecord
@@ -42,7 +42,7 @@ async def submit(request: web.Request) -> web.Response:
             return await _accepted(service, existing.id, existing.status, replayed=True)
     service.catalogue_check(body.workflow, body.gpu)
     service.check_capacity()
-    workflow_id = str(uuid.uuid4())
+    workflow_id = uuid7()
     workflow = body.workflow if body.keepPrefix else prefix_outputs(body.workflow, workflow_id)
     created_at = now_ms()
     rank = rank_for(body.priority, created_at, service.config.scheduler.aging_seconds)
@@ -110,7 +110,7 @@ async def cancel(request: web.Request) -> web.Response:
     reply = service.scheduler.ask(CancelJob(workflow_id=workflow_id), service.cancel_wait + ASK_TIMEOUT)
     try:
         outcome: CancelOutcome = await asyncio.wait_for(reply, service.cancel_wait)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return web.json_response({"workflowId": workflow_id, "status": "cancelling",
                                   "message": "ComfyUI has not confirmed the interrupt yet"}, status=202)
     if outcome.status == "cancelled":

@@ -26,9 +26,10 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "comfyd.db"  # the folder does not exist yet: open() makes it
 
 
-@pytest.fixture
-async def db(db_path: Path) -> AsyncIterator[Database]:
-    database = Database(db_path)
+@pytest.fixture(params=["NORMAL", "FULL"])
+async def db(db_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Database]:
+    """Both commit paths: on the event loop (NORMAL) and in the writer thread (FULL, each commit fsyncs)."""
+    database = Database(db_path, synchronous=request.param)
     await database.open()
     yield database
     await database.close()
@@ -76,6 +77,36 @@ async def test_concurrent_writes_are_grouped_into_few_transactions(db: Database,
     assert db.batches - batches < db.writes - writes
     assert db.batches - batches <= 10  # 200 callers waiting at once: a handful of commits, not 200
     assert outside(db_path, "SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'") == [(200,)]
+
+
+async def test_normal_commits_on_the_loop_and_checkpoints_in_the_background(db_path: Path) -> None:
+    db = Database(db_path, synchronous="NORMAL")
+    await db.open()
+    try:
+        assert not db.offloaded
+        assert db._writer.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        await asyncio.wait_for(asyncio.gather(*(db.write([(META, (f"c{i}", "x" * 100))]) for i in range(2500))),
+                               WAIT)
+        checkpoint = db._checkpoint
+        assert checkpoint is not None
+        await asyncio.wait_for(checkpoint, WAIT)
+        assert db.checkpoints == 1
+    finally:
+        await db.close()
+    assert outside(db_path, "SELECT COUNT(*) FROM meta WHERE key LIKE 'c%'") == [(2500,)]
+
+
+async def test_full_commits_in_the_writer_thread(db_path: Path) -> None:
+    db = Database(db_path, synchronous="FULL")
+    await db.open()
+    try:
+        assert db.offloaded
+        future = db.write([(META, ("fsynced", "1"))])
+        await asyncio.wait_for(future, WAIT)
+        assert outside(db_path, "SELECT value FROM meta WHERE key = 'fsynced'") == [("1",)]
+        assert (await db.fetchone("PRAGMA synchronous"))[0] == 2  # FULL
+    finally:
+        await db.close()
 
 
 async def test_a_write_resolves_only_after_its_commit(db: Database, db_path: Path) -> None:
