@@ -59,6 +59,12 @@ class Enqueue(Message, frozen=True):
     seq: int
 
 
+class EnqueueMany(Message, frozen=True):
+    """Jobs committed in one group commit, handed over in one message; answer: their queue positions."""
+
+    jobs: tuple[Enqueue, ...]
+
+
 class CancelJob(Message, frozen=True):
     """Answer: the job's status once cancelled (or why not)."""
 

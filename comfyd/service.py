@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import structlog
 
-from comfyd.actors.base import ActorStopped, MailboxFull
 from comfyd.actors.broadcaster import Broadcaster, PublishRaw
 from comfyd.actors.executor import Executor
 from comfyd.actors.gpu_monitor import GpuMonitor
@@ -25,9 +24,9 @@ from comfyd.actors.scheduler import Scheduler
 from comfyd.actors.supervisor import Supervisor
 from comfyd.config import BackendConfig, Config
 from comfyd.errors import Unavailable
+from comfyd.intake import Intake
 from comfyd.messages import (
     AddBackend,
-    Enqueue,
     RetireBackend,
     SchedulerSnapshot,
     StopIntake,
@@ -58,6 +57,7 @@ class Service:
         self.scheduler = Scheduler(self.jobs, self.broadcaster.publish, self.metrics,
                                    max_attempts=config.scheduler.max_attempts,
                                    backend_wait=config.scheduler.backend_wait, publish_raw=self._publish_raw)
+        self.intake = Intake(self.scheduler)
         self.executors: dict[str, Executor] = {}
         self.janitor = Janitor(self.db, config.retention)
         self.gpu_monitor: GpuMonitor | None = None
@@ -74,7 +74,6 @@ class Service:
         self.instance_id = ""
         self.registry: Registry | None = None  # type: ignore[assignment]
         self._upstream: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
 
     # -- what the web edge uses ----------------------------------------------------------------------------
     def pools(self) -> set[str]:
@@ -99,26 +98,6 @@ class Service:
         if self.scheduler.queued_count >= self.config.scheduler.max_queued:
             raise Unavailable(f"the queue is full ({self.config.scheduler.max_queued} jobs, scheduler.max_queued)",
                               retry_after=30)
-
-    async def enqueue(self, message: Enqueue) -> int:
-        """Hand a stored job to the scheduler. It is durable already, so this never fails the request: if the
-        scheduler cannot take it now, it is handed over in the background (and recovery finds it anyway)."""
-        try:
-            return int(await self.scheduler.ask(message, 10.0))
-        except (MailboxFull, ActorStopped, asyncio.TimeoutError) as exc:
-            log.warning("enqueue_deferred", workflow_id=message.workflow_id, error=repr(exc))
-            task = asyncio.create_task(self._enqueue_later(message), name="enqueue-later")
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            return self.scheduler.queued_count
-
-    async def _enqueue_later(self, message: Enqueue) -> None:
-        while self.accepting:
-            try:
-                await self.scheduler.send(message)
-                return
-            except ActorStopped:  # restarting: its recovery loads the job from the database
-                return
 
     async def ask_snapshot(self) -> dict[str, Any]:
         return await self.scheduler.ask(SchedulerSnapshot(), 5.0)
@@ -241,6 +220,7 @@ class Service:
         for executor in self.executors.values():
             await executor.stop(10)
         await self.scheduler.stop(10)
+        await self.intake.close()
         if self.gpu_monitor is not None:
             await self.gpu_monitor.stop(5)
         await self.broadcaster.stop(10)

@@ -123,18 +123,22 @@ class Actor(Generic[M]):
 
     async def ask(self, message: M, timeout: float) -> Any:
         """Deliver a question and wait for its answer, at most ``timeout`` seconds."""
+        return await self.ask_nowait(message, timeout)
+
+    def ask_nowait(self, message: M, timeout: float) -> asyncio.Future[Any]:
+        """Deliver a question; the answer arrives on the returned future, which fails with ``TimeoutError``
+        after ``timeout`` seconds. Cancelling the future withdraws the question."""
         if self._stopping or not self.running:
             raise ActorStopped(f"{self.name} is not running")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         try:
             self._mailbox.put_nowait(Envelope(message, future))
         except asyncio.QueueFull:
             raise MailboxFull(f"{self.name} mailbox is full ({self._mailbox.maxsize})") from None
-        try:
-            return await asyncio.wait_for(future, timeout)
-        finally:
-            if not future.done():
-                future.cancel()
+        expiry = loop.call_later(timeout, _expire, future, self.name, timeout)
+        future.add_done_callback(lambda _f: expiry.cancel())
+        return future
 
     @property
     def mailbox_depth(self) -> int:
@@ -226,6 +230,11 @@ class Actor(Generic[M]):
                 return
             if envelope.reply_to is not None and not envelope.reply_to.done():
                 envelope.reply_to.set_exception(ActorStopped(f"{self.name} stopped"))
+
+
+def _expire(future: asyncio.Future[Any], actor: str, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError(f"{actor} did not answer within {timeout} s"))
 
 
 def _chain(awaitable: Awaitable[Any], reply_to: asyncio.Future[Any] | None, actor: str) -> None:

@@ -26,26 +26,9 @@ from comfyd.actors.scheduler_state import (
     Tick,
 )
 from comfyd.actors.transitions import Recorder
-from comfyd.messages import (
-    AddBackend,
-    BackendState,
-    CancelJob,
-    Enqueue,
-    Interrupt,
-    JobError,
-    JobFinished,
-    JobProgress,
-    JobStarted,
-    Message,
-    QueuePosition,
-    Released,
-    RetireBackend,
-    Returned,
-    Run,
-    SchedulerSnapshot,
-    StopIntake,
-    Withdraw,
-)
+from comfyd.messages import (AddBackend, BackendState, CancelJob, Enqueue, EnqueueMany, Interrupt, JobError,
+    JobFinished, JobProgress, JobStarted, Message, QueuePosition, Released, RetireBackend, Returned, Run,
+    SchedulerSnapshot, StopIntake, Withdraw)
 from comfyd.metrics import Metrics
 from comfyd.store.jobs import JobStore
 
@@ -114,7 +97,9 @@ class Scheduler(Actor[Message]):
     async def handle(self, message: Message) -> Any:
         match message:
             case Enqueue():
-                return self._enqueue(message)
+                return self._enqueue((message,))[0]
+            case EnqueueMany():
+                return self._enqueue(message.jobs)
             case QueuePosition():
                 return self.position(message.workflow_id)
             case CancelJob():
@@ -154,7 +139,15 @@ class Scheduler(Actor[Message]):
         self._dispatch()
         return None
 
-    def _enqueue(self, msg: Enqueue) -> int:
+    def _enqueue(self, jobs: tuple[Enqueue, ...]) -> list[int]:
+        positions = [self._admit(msg) for msg in jobs]
+        self._dispatch()
+        for msg in jobs:  # a newcomer at the head of its pool may take a waiting prompt's place in ComfyUI
+            if msg.workflow_id in self.pending and self.pending.peek(msg.pool) == msg.workflow_id:
+                self._outrank(msg.pool, msg.rank)
+        return positions
+
+    def _admit(self, msg: Enqueue) -> int:
         if msg.workflow_id in self.pending or msg.workflow_id in self.active:  # a retried Enqueue
             return self.position(msg.workflow_id) or 0
         self.pending.push(msg.workflow_id, msg.pool, msg.rank, msg.seq)
@@ -164,9 +157,6 @@ class Scheduler(Actor[Message]):
                                            queuePosition=position, priority=msg.priority, gpu=msg.pool))
         log.info("workflow_queued", workflow_id=msg.workflow_id, pool=msg.pool, priority=msg.priority,
                  position=position)
-        self._dispatch()
-        if msg.workflow_id in self.pending and self.pending.peek(msg.pool) == msg.workflow_id:
-            self._outrank(msg.pool, msg.rank)
         return position
 
     def _stop_intake(self) -> None:

@@ -48,16 +48,16 @@ async def submit(request: web.Request) -> web.Response:
     rank = rank_for(body.priority, created_at, service.config.scheduler.aging_seconds)
     seq = service.next_seq()
     timeout = body.timeout or service.config.scheduler.default_timeout or None
+    commit = service.jobs.insert(workflow_id=workflow_id, seq=seq, priority=body.priority, pool=body.gpu, rank=rank,
+                                 workflow=_encode.encode(workflow), created_at=created_at, timeout=timeout,
+                                 idempotency_key=key)
     try:
-        await service.jobs.insert(workflow_id=workflow_id, seq=seq, priority=body.priority, pool=body.gpu,
-                                  rank=rank, workflow=_encode.encode(workflow), created_at=created_at,
-                                  timeout=timeout, idempotency_key=key)
+        position = await service.intake.admit(
+            commit, Enqueue(workflow_id=workflow_id, pool=body.gpu, priority=body.priority, rank=rank, seq=seq))
     except sqlite3.IntegrityError:
         if key is not None and (existing := await service.jobs.by_idempotency_key(key)) is not None:
             return await _accepted(service, existing.id, existing.status, replayed=True)
         raise
-    position = await service.enqueue(
-        Enqueue(workflow_id=workflow_id, pool=body.gpu, priority=body.priority, rank=rank, seq=seq))
     body = _encode.encode({"workflowId": workflow_id, "status": "queued", "queuePosition": position})
     return web.Response(body=body, status=202, content_type="application/json",
                         headers={"Location": f"/v1/comfyui/workflow/{workflow_id}"})
