@@ -80,7 +80,7 @@ class OutputIndexer(Actor[Message]):
         if "/" not in relpath:
             return UNKNOWN
         folder = relpath.split("/", 1)[0]
-        row = await self.db.fetchone("SELECT 1 FROM workflows WHERE id = ?", (folder,))
+        row = self.db.lookup("SELECT 1 FROM workflows WHERE id = ?", (folder,))
         return folder if row is not None else UNKNOWN
 
     async def _forget_missing(self, found: dict[str, int]) -> int:

@@ -300,7 +300,7 @@ class Scheduler(Actor[Message]):
         self._update_gauges()
 
     async def _prepare(self, job: ActiveJob, *, reattach: bool) -> None:
-        row = await self.jobs.db.fetchone(
+        row = self.jobs.db.lookup(
             "SELECT workflow, attempts, dispatches, timeout, created_at, rank, seq, prompt_id FROM workflows "
             "WHERE id = ?", (job.workflow_id,))
         if row is None:  # pruned while waiting: nothing to run

@@ -15,6 +15,7 @@ from comfyd.messages import Output
 from comfyd.outputs.files import describe, safe_relpath
 
 PREVIEWS = "_previews"
+INLINE_BYTES = 256 * 1024  # a smaller file is hashed on the loop: quicker than a hop to a thread and back
 
 
 async def collect_outputs(client: ComfyClient, refs: list[Output], outputs_dir: Path, *, local: bool,
@@ -29,7 +30,8 @@ async def collect_outputs(client: ComfyClient, refs: list[Output], outputs_dir: 
         if temp or not (local and path.is_file()):
             await client.download(filename=ref.filename, subfolder=ref.subfolder, folder_type=ref.folder_type,
                                   dest=path)
-        facts = await asyncio.to_thread(describe, path)
+        small = path.stat().st_size <= INLINE_BYTES
+        facts = describe(path) if small else await asyncio.to_thread(describe, path)
         collected.append(Output(filename=ref.filename, subfolder=subfolder, folder_type=ref.folder_type,
                                 node_id=ref.node_id, **facts))  # type: ignore[arg-type]
     return collected

@@ -26,7 +26,7 @@ def kind_of(filename: str) -> tuple[str, str]:
 
 
 def describe(path: Path) -> dict[str, object]:
-    """Size, sha256 and (for PNG) width/height. Blocking: run it in a thread."""
+    """Size, sha256 and (for PNG) width/height. Blocking: run a large file in a thread."""
     digest = hashlib.sha256()
     size = 0
     head = b""

@@ -12,8 +12,10 @@ costs more than the write (each hop passes the GIL back and forth). The fsyncs t
 checkpoints, and those run on a connection of their own in aiosqlite's thread, never on the loop. With FULL
 (or EXTRA) every commit waits for an fsync, so commits run in a writer thread instead.
 
-Reads use a second connection (aiosqlite): in WAL mode they never wait for the writer and never see an
-uncommitted batch.
+Reads never wait for the writer and never see an uncommitted batch (WAL). Lookups by a unique key
+(``lookup``) run on the event loop too, on a read-only connection of their own: an index probe takes a few
+microseconds, a hop to a reader thread and back much longer. Queries that may scan (listings, counts,
+recovery) go through ``fetchone``/``fetchall`` on an aiosqlite connection, off the loop.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Database:
         self.offloaded = self.synchronous in ("FULL", "EXTRA")  # commits wait for fsync: keep them off the loop
         self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._lookups: sqlite3.Connection | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._pending: list[_Write] = []
@@ -85,6 +88,10 @@ class Database:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="comfyd-db-writer")
         self._reader = await self._connect()
         await self._reader.execute("PRAGMA query_only = ON")
+        self._lookups = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._lookups.row_factory = sqlite3.Row
+        for pragma in (*_pragmas(self.synchronous, LOOP_BUSY_TIMEOUT_MS), "PRAGMA query_only = ON"):
+            self._lookups.execute(pragma)
         self._checkpointer = await self._connect()
         self._closed = False
         self._idle.set()
@@ -128,9 +135,11 @@ class Database:
                 await conn.close()
         if self._thread is not None:
             self._thread.shutdown(wait=True)
+        if self._lookups is not None:
+            self._lookups.close()
         if self._writer is not None:
             self._writer.close()
-        self._reader = self._checkpointer = self._writer = self._thread = None
+        self._reader = self._checkpointer = self._writer = self._thread = self._lookups = None
 
     # -- writes ------------------------------------------------------------------------------------------
     def write(self, statements: Iterable[Statement]) -> asyncio.Future[None]:
@@ -212,6 +221,15 @@ class Database:
             self._checkpoint = None
 
     # -- reads -------------------------------------------------------------------------------------------
+    def lookup(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        """One row by a unique key, read right here on the loop. Only for queries that probe an index."""
+        if self._lookups is None:
+            raise StorageError("the database is closed")
+        try:
+            return self._lookups.execute(sql, params).fetchone()
+        except sqlite3.OperationalError as exc:
+            raise _storage_error(exc) from exc
+
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         assert self._reader is not None, "database is not open"
         try:

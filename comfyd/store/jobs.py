@@ -90,15 +90,15 @@ class JobStore:
 
     # -- reads -------------------------------------------------------------------------------------------
     async def get(self, workflow_id: str) -> JobRecord | None:
-        row = await self.db.fetchone(f"SELECT {_COLUMNS} FROM workflows WHERE id = ?", (workflow_id,))
+        row = self.db.lookup(f"SELECT {_COLUMNS} FROM workflows WHERE id = ?", (workflow_id,))
         return _record(row) if row else None
 
     async def workflow_json(self, workflow_id: str) -> bytes | None:
-        row = await self.db.fetchone("SELECT workflow FROM workflows WHERE id = ?", (workflow_id,))
+        row = self.db.lookup("SELECT workflow FROM workflows WHERE id = ?", (workflow_id,))
         return bytes(row[0]) if row else None
 
     async def by_idempotency_key(self, key: str) -> JobRecord | None:
-        row = await self.db.fetchone(f"SELECT {_COLUMNS} FROM workflows WHERE idempotency_key = ?", (key,))
+        row = self.db.lookup(f"SELECT {_COLUMNS} FROM workflows WHERE idempotency_key = ?", (key,))
         return _record(row) if row else None
 
     async def active(self) -> list[sqlite3.Row]:

@@ -55,7 +55,7 @@ async def delete_output(request: web.Request) -> web.Response:
         path = resolve_inside(service.config.outputs_dir, relpath)
     except NotFound:
         path = None
-    row = await service.db.fetchone("SELECT 1 FROM outputs WHERE path = ?", (relpath,))
+    row = service.db.lookup("SELECT 1 FROM outputs WHERE path = ?", (relpath,))
     if path is None and row is None:
         raise NotFound(f"output {relpath} not found")
     if path is not None:
