@@ -367,3 +367,22 @@ async def test_a_bad_cursor_is_a_bad_request(db: Database, cursor: str) -> None:
 async def test_a_cursor_with_numbers_sqlite_cannot_hold_is_a_bad_request(db: Database) -> None:
     with pytest.raises(BadRequest):
         await OutputIndex(db).page(workflow_id=None, kind=None, limit=5, cursor=encode_cursor(10**30, 1))
+
+
+async def test_a_lookup_reads_committed_rows_on_the_loop(db: Database) -> None:
+    assert db.lookup("SELECT value FROM meta WHERE key = ?", ("looked-up",)) is None
+    pending = db.write([(META, ("looked-up", "1"))])
+    assert db.lookup("SELECT value FROM meta WHERE key = ?", ("looked-up",)) is None  # not committed yet
+    await asyncio.wait_for(pending, WAIT)
+    row = db.lookup("SELECT value FROM meta WHERE key = ?", ("looked-up",))
+    assert row is not None and row["value"] == "1"
+    with pytest.raises(StorageError, match="readonly"):
+        db.lookup("INSERT INTO meta (key, value) VALUES ('x', 'y')")  # read-only
+
+
+async def test_a_lookup_after_close_is_refused(db_path: Path) -> None:
+    db = Database(db_path)
+    await db.open()
+    await db.close()
+    with pytest.raises(StorageError, match="closed"):
+        db.lookup("SELECT 1")
