@@ -55,6 +55,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     default_timeout: float = 0.0  # seconds per job; 0 = none
     max_queued: int = 1_000_000
     backend_wait: float = 600.0  # queued jobs fail backend_unavailable when no backend of their pool is up this long
+    progress_interval: float = 0.1  # seconds between a running job's progress reports (0: every change)
 
 
 class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -237,6 +238,9 @@ def validate(config: Config) -> None:
                           f"{config.logging.level!r}")
     if config.logging.format not in ("auto", "json", "console"):
         raise ConfigError(f"logging.format must be auto, json or console, not {config.logging.format!r}")
+    if config.scheduler.progress_interval < 0:
+        raise ConfigError(f"scheduler.progress_interval must be 0 or more seconds, not "
+                          f"{config.scheduler.progress_interval}")
     for backend in config.backends:
         if not backend.url.startswith(("http://", "https://")):
             raise ConfigError(f"backend {backend.name}: url must start with http:// or https://, "

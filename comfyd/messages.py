@@ -127,6 +127,8 @@ class JobFinished(Message, frozen=True):
     outputs: tuple[Output, ...] = ()
     error: JobError | None = None
     retry: bool = False
+    progress: float | None = None  # where the run got to (progress reports are folded; this is the last word)
+    current_node: str | None = None
 
 
 class Released(Message, frozen=True):

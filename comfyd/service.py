@@ -169,7 +169,8 @@ class Service:
         assert self.session is not None
         config = BackendConfig(url=url, name=f"svc-{service}", pool=pool)
         executor = Executor(config, self.scheduler, self.session, outputs_dir=self.config.outputs_dir,
-                            instance_id=self.instance_id, reconnect_min=self.reconnect_min)
+                            instance_id=self.instance_id, reconnect_min=self.reconnect_min,
+                            progress_interval=self.config.scheduler.progress_interval)
         self.executors[config.name] = executor
         self.scheduler.tell(AddBackend(name=config.name, pool=pool, capacity=executor.capacity, executor=executor))
         self.supervisor.start(executor)
@@ -182,7 +183,8 @@ class Service:
     def _add_executor(self, backend: BackendConfig) -> Executor:
         assert self.session is not None
         executor = Executor(backend, self.scheduler, self.session, outputs_dir=self.config.outputs_dir,
-                            instance_id=self.instance_id, reconnect_min=self.reconnect_min)
+                            instance_id=self.instance_id, reconnect_min=self.reconnect_min,
+                            progress_interval=self.config.scheduler.progress_interval)
         self.executors[backend.name] = executor
         self.scheduler.add_backend(backend.name, backend.pool, executor.capacity, executor)
         return executor

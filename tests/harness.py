@@ -33,6 +33,7 @@ def make_config(tmp: Path, backends: list[str], **scheduler: Any) -> Config:
     config = load_config(None, env={"MANAGEMENT_API_KEY": API_KEY}, overrides={"data_dir": str(tmp / "data")})
     config.backends = [BackendConfig(url=url, name=f"gpu{i}", gpu=i, silence_seconds=scheduler.pop("silence", 30.0))
                        for i, url in enumerate(backends)]
+    config.scheduler.progress_interval = 0.0  # every progress change: tests follow a job's nodes one by one
     for key, value in scheduler.items():
         setattr(config.scheduler, key, value)
     return config

@@ -113,3 +113,30 @@ async def test_unsubscribing_the_last_workflow_does_not_widen_to_everything(comf
         await comfyd.wait_end(other)
         await ws.send_json({"type": "ping"})
         assert (await ws.receive_json(timeout=5))["type"] == "pong"  # nothing of the other job came first
+
+
+async def test_progress_of_a_quick_job_folds_into_its_outcome(standin, comfyd_factory) -> None:
+    """A job that ends within its first progress interval reports no progress events: its end carries where it
+    got to, and the stored job still names its last node. (A long interval keeps the test free of timing.)"""
+    comfyd: Comfyd = await comfyd_factory([standin], progress_interval=30.0)
+    async with comfyd.stream() as ws:
+        workflow_id = await comfyd.submit(workflow("quick"))
+        types = []
+        async with asyncio.timeout(20):
+            async for message in ws:
+                event = json.loads(message.data)
+                if event.get("workflowId") == workflow_id:
+                    types.append(event["type"])
+                    if event["type"] in ("workflow:completed", "workflow:error"):
+                        break
+    assert types == ["workflow:queued", "workflow:started", "workflow:completed"]
+    job = await comfyd.get(workflow_id)
+    assert job["progress"] == 100 and job["currentNode"] == "SaveImage"
+
+
+async def test_a_failed_job_keeps_the_progress_it_reached(standin, comfyd_factory) -> None:
+    comfyd: Comfyd = await comfyd_factory([standin], progress_interval=30.0)
+    workflow_id = await comfyd.submit(workflow("fail_exec"))
+    assert (await comfyd.wait_end(workflow_id))["type"] == "workflow:error"
+    job = await comfyd.get(workflow_id)
+    assert 0 < job["progress"] < 100 and job["currentNode"] == "ImageBatch"

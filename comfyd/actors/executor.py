@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import structlog
 from comfyd.actors import executor_state as inbox  # the executor's private messages
 from comfyd.actors.base import Actor, MailboxFull
 from comfyd.actors.executor_state import RunState
+from comfyd.actors.progress import ProgressReports
 from comfyd.comfy import probe
 from comfyd.comfy.catalogue import Catalogue
 from comfyd.comfy.client import BackendError, BackendUnreachable, ComfyClient
@@ -48,7 +50,7 @@ class Executor(Actor[Message]):
 
     def __init__(self, config: BackendConfig, scheduler: Actor[Message], session: aiohttp.ClientSession, *,
                  outputs_dir: Path, instance_id: str, cancel_grace: float = 30.0,
-                 reconnect_min: float = 0.2) -> None:
+                 reconnect_min: float = 0.2, progress_interval: float = 0.1) -> None:
         super().__init__(f"executor:{config.name}")
         self.config = config
         self.scheduler = scheduler
@@ -58,6 +60,7 @@ class Executor(Actor[Message]):
         self.client_id = f"comfyd-{config.name}-{instance_id}"
         self.cancel_grace = cancel_grace
         self.reconnect_min = reconnect_min
+        self.progress_interval = progress_interval
         self.up = False
         self.down_since = time.monotonic()
         self.last_error: str | None = None
@@ -191,8 +194,8 @@ class Executor(Actor[Message]):
         if state.started:
             return
         state.started = True
-        self._report(JobStarted(workflow_id=state.run.workflow_id, backend=self.config.name,
-                                       started_at=timestamp))
+        state.progress = ProgressReports(self.progress_interval, partial(self._progress_report, state.run.workflow_id))
+        self._report(JobStarted(workflow_id=state.run.workflow_id, backend=self.config.name, started_at=timestamp))
         self._arm_timeout(state)
 
     def _arm_timeout(self, state: RunState) -> None:
@@ -207,18 +210,17 @@ class Executor(Actor[Message]):
             pass
 
     def _report_progress(self, state: RunState) -> None:
-        if not state.started:
-            return
-        progress, node = state.tracker.progress, state.tracker.current_class
-        if progress == state.reported_progress and node == state.reported_node:
-            return
-        state.reported_progress, state.reported_node = progress, node
-        self._report(JobProgress(workflow_id=state.run.workflow_id, progress=progress, current_node=node))
+        if state.progress is not None:
+            state.progress.update(state.tracker.progress, state.tracker.current_class)
+
+    def _progress_report(self, workflow_id: str, progress: float, node: str | None) -> None:
+        self._report(JobProgress(workflow_id=workflow_id, progress=progress, current_node=node))
 
     def _ended(self, state: RunState) -> None:
         if state.finishing:
             return
         state.finishing = True
+        state.close_progress()
         self._report(Released(workflow_id=state.run.workflow_id, backend=self.config.name))
         self.spawn(self._conclude(state), name=f"{self.name}:conclude")
         self._post_staged()
@@ -248,10 +250,12 @@ class Executor(Actor[Message]):
         self.by_workflow.pop(state.run.workflow_id, None)
         if state.timer is not None:
             state.timer.cancel()
+        state.close_progress()
         self._report(message.result)
         self._post_staged()
 
     def _return(self, state: RunState, reason: str) -> None:
+        state.close_progress()
         self.runs.pop(state.run.prompt_id, None)
         self.by_workflow.pop(state.run.workflow_id, None)
         self._report(Returned(workflow_id=state.run.workflow_id, backend=self.config.name, reason=reason))

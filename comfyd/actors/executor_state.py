@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from comfyd.actors.progress import ProgressReports
 from comfyd.comfy.connection import Frame
 from comfyd.comfy.tracker import PromptTracker
 from comfyd.messages import JobError, JobFinished, Message, Run
@@ -72,6 +73,9 @@ class RunState:
     stop_asks: int = 0
     staged: bool = False  # held by comfyd (dispatch committed), posted the moment a prompt leaves ComfyUI
     last_heard: float = field(default_factory=time.monotonic)
-    reported_progress: float = -1.0
-    reported_node: str | None = None
-    timer: asyncio.TimerHandle | None = None
+    progress: ProgressReports | None = None  # from the start on
+    timer: asyncio.TimerHandle | None = None  # the job's timeout
+
+    def close_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.close()

@@ -64,8 +64,8 @@ class Recorder:
     def finished(self, msg: JobFinished, *, pool: str, started_at: int | None) -> asyncio.Future[None]:
         completed_at = now_ms()
         statements = [self.jobs.finish(msg.workflow_id, status=msg.status, completed_at=completed_at,
-                                       outputs=msg.outputs, error=msg.error,
-                                       progress=100.0 if msg.status == "completed" else None)]
+                                       outputs=msg.outputs, error=msg.error, current_node=msg.current_node,
+                                       progress=100.0 if msg.status == "completed" else msg.progress)]
         statements += output_rows(msg, completed_at)
         done = self.jobs.db.write(statements)
         event: events.WorkflowEvent

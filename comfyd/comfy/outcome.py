@@ -71,5 +71,7 @@ def stopped_result(state: RunState, backend: str) -> JobFinished:
 
 def job_result(state: RunState, backend: str, status: str, *, outputs: tuple = (), error: JobError | None = None,
                retry: bool = False) -> JobFinished:
+    tracker = state.tracker
     return JobFinished(workflow_id=state.run.workflow_id, backend=backend, status=status,  # type: ignore[arg-type]
-                       outputs=outputs, error=error, retry=retry)
+                       outputs=outputs, error=error, retry=retry, current_node=tracker.current_class,
+                       progress=tracker.progress if state.started else None)

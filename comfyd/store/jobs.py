@@ -79,13 +79,16 @@ class JobStore:
         return f"UPDATE workflows SET {columns} WHERE id = ?", (*fields.values(), workflow_id)
 
     def finish(self, workflow_id: str, *, status: str, completed_at: int, outputs: tuple[Output, ...] = (),
-               error: JobError | None = None, progress: float | None = None) -> Statement:
+               error: JobError | None = None, progress: float | None = None,
+               current_node: str | None = None) -> Statement:
         fields: dict[str, Any] = {"status": status, "completed_at": completed_at, "outputs": outputs,
                                   "error": error.message if error else None,
                                   "error_type": error.error_type if error else None,
                                   "error_detail": error.detail if error else None}
         if progress is not None:
             fields["progress"] = progress
+        if current_node is not None:
+            fields["current_node"] = current_node
         return self.update_statement(workflow_id, **fields)
 
     # -- reads -------------------------------------------------------------------------------------------
