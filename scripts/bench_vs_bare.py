@@ -95,6 +95,9 @@ class Run:
 
 
 # -- straight into ComfyUI ------------------------------------------------------------------------------------
+LAST_RUN: dict[str, float] = {}  # wall-clock ms of the last run's start and end (ComfyUI's history is in epoch ms)
+
+
 async def bare(comfy: str, run: Run, jobs: int, *, window: int | None) -> tuple[float, list[str]]:
     """window=None: post all at once; window=k: keep k prompts inside ComfyUI (1 running + k-1 waiting)."""
     import aiohttp
@@ -125,7 +128,7 @@ async def bare(comfy: str, run: Run, jobs: int, *, window: int | None) -> tuple[
                 pending_posts.add(task)
                 task.add_done_callback(pending_posts.discard)
 
-            t0 = time.perf_counter()
+            t0, LAST_RUN["t0_ms"] = time.perf_counter(), time.time() * 1000
             for _ in range(jobs if window is None else min(window, jobs)):
                 launch()
             finished: set[str] = set()
@@ -147,12 +150,12 @@ async def bare(comfy: str, run: Run, jobs: int, *, window: int | None) -> tuple[
                         break
                     if window is not None and posted < jobs:
                         launch()
-            elapsed = time.perf_counter() - t0
+            elapsed, LAST_RUN["t1_ms"] = time.perf_counter() - t0, time.time() * 1000
     return elapsed, order
 
 
 # -- through comfyd -------------------------------------------------------------------------------------------
-async def via_comfyd(url: str, run: Run, jobs: int) -> tuple[float, list[str], int]:
+async def via_comfyd(url: str, run: Run, jobs: int, concurrency: int) -> tuple[float, list[str], int]:
     import aiohttp
 
     headers = {"X-API-Key": API_KEY}
@@ -167,8 +170,10 @@ async def via_comfyd(url: str, run: Run, jobs: int) -> tuple[float, list[str], i
                 if submitted and ids <= ended.keys():
                     all_done.set()
 
+            slots = asyncio.Semaphore(concurrency)
+
             async def submit() -> None:
-                async with http.post(url + "/v1/comfyui/workflow", json={"workflow": run.graph("comfyd",
+                async with slots, http.post(url + "/v1/comfyui/workflow", json={"workflow": run.graph("comfyd",
                                                                                              own_prefix=False)}) as r:
                     data = await r.json()
                     if r.status != 202:
@@ -183,12 +188,12 @@ async def via_comfyd(url: str, run: Run, jobs: int) -> tuple[float, list[str], i
                         check()
 
             reader = asyncio.create_task(read())
-            t0 = time.perf_counter()
+            t0, LAST_RUN["t0_ms"] = time.perf_counter(), time.time() * 1000
             await asyncio.gather(*(submit() for _ in range(jobs)))
             submitted = True
             check()
             await all_done.wait()
-            elapsed = time.perf_counter() - t0
+            elapsed, LAST_RUN["t1_ms"] = time.perf_counter() - t0, time.time() * 1000
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
     failed = sum(1 for i in ids if ended[i] != "workflow:completed")
@@ -219,7 +224,9 @@ async def history_gaps(comfy: str, prompt_ids: list[str], *, prefix_match: bool)
     runs = [end - start for start, end in spans]
     return {"n": len(spans), "gap_p50": percentile(gaps, 50), "gap_p95": percentile(gaps, 95),
             "gap_max": max(gaps) if gaps else float("nan"), "gap_sum_s": sum(gaps) / 1000,
-            "exec_p50": percentile(runs, 50), "busy_s": (spans[-1][1] - spans[0][0]) / 1000 if spans else 0}
+            "exec_p50": percentile(runs, 50), "busy_s": (spans[-1][1] - spans[0][0]) / 1000 if spans else 0,
+            "lead_ms": spans[0][0] - LAST_RUN["t0_ms"] if spans else float("nan"),
+            "tail_ms": LAST_RUN["t1_ms"] - spans[-1][1] if spans else float("nan")}
 
 
 def _iso_ms(text: str) -> float:
@@ -237,11 +244,14 @@ async def timeline(comfy: str, serve: ComfydServe, ids: list[str]) -> dict[str, 
     wanted = set(ids)
     dispatched: dict[str, float] = {}
     completed: dict[str, float] = {}
+    queued: list[float] = []
     for line in serve.log_lines(since_start=False):
         workflow_id = line.get("workflow_id")
         if workflow_id not in wanted:
             continue
-        if line.get("event") == "workflow_dispatched":
+        if line.get("event") == "workflow_queued":
+            queued.append(_iso_ms(line["timestamp"]))
+        elif line.get("event") == "workflow_dispatched":
             dispatched.setdefault(workflow_id, _iso_ms(line["timestamp"]))
         elif line.get("event") == "workflow_completed":
             completed[workflow_id] = _iso_ms(line["timestamp"])
@@ -260,7 +270,11 @@ async def timeline(comfy: str, serve: ComfydServe, ids: list[str]) -> dict[str, 
     end_to_completed = [completed[w] - end for _, end, w in spans if w in completed]
     turnaround = [dispatched[spans[k + 1][2]] - spans[k - 1][1] for k in range(1, len(spans) - 1)
                   if spans[k + 1][2] in dispatched and dispatched[spans[k + 1][2]] > spans[k - 1][1]]
-    return {"end_to_completed_p50": percentile(end_to_completed, 50),
+    first_queued = min(queued, default=float("nan"))
+    return {"first_queued_ms": first_queued - LAST_RUN["t0_ms"],
+            "first_dispatched_ms": min(dispatched.values(), default=float("nan")) - LAST_RUN["t0_ms"],
+            "all_queued_ms": max(queued, default=float("nan")) - LAST_RUN["t0_ms"],
+            "end_to_completed_p50": percentile(end_to_completed, 50),
             "end_to_completed_p95": percentile(end_to_completed, 95),
             "turnaround_p50": percentile(turnaround, 50), "turnaround_p95": percentile(turnaround, 95)}
 
@@ -332,7 +346,7 @@ async def main_async(args: argparse.Namespace, comfy: RealComfyUI, workdir: Path
         await asyncio.to_thread(start_comfyd, serve)
         print(f"  comfyd {serve.url} → ComfyUI {comfy.url}; warming up both with {args.warmup} jobs each", flush=True)
         await bare(comfy.url, run, args.warmup, window=None)
-        _, ids, _ = await via_comfyd(serve.url, run, args.warmup)
+        _, ids, _ = await via_comfyd(serve.url, run, args.warmup, args.submit_concurrency)
         comfyd_ids += ids
         results: dict[str, list[dict[str, Any]]] = {"comfyd": [], "all": [], "bare1+1": []}
         modes = list(results)
@@ -345,7 +359,7 @@ async def main_async(args: argparse.Namespace, comfy: RealComfyUI, workdir: Path
                         spy = start_spy(serve.pid, Path(args.profile) / "vs_bare_comfyd.txt")
                         await asyncio.sleep(0.5)
                     cpu0 = cpu_seconds(serve.pid)
-                    elapsed, ids, failed = await via_comfyd(serve.url, run, args.jobs)
+                    elapsed, ids, failed = await via_comfyd(serve.url, run, args.jobs, args.submit_concurrency)
                     cpu_ms_per_job = (cpu_seconds(serve.pid) - cpu0) / args.jobs * 1000
                     if spy is not None:
                         await asyncio.get_running_loop().run_in_executor(None, spy.wait)
@@ -364,12 +378,15 @@ async def main_async(args: argparse.Namespace, comfy: RealComfyUI, workdir: Path
                 print(f"  round {round_no} {mode:8s}: {elapsed:6.2f} s  {r['jobs_s']:6.1f} jobs/s  failed {failed}  "
                       f"ComfyUI exec p50 {r['exec_p50']:.0f} ms; idle gap p50 {r['gap_p50']:.0f} ms p95 "
                       f"{r['gap_p95']:.0f} ms max {r['gap_max']:.0f} ms, idle total {r['gap_sum_s']:.2f} s of "
-                      f"{r['busy_s']:.2f} s ({r['n']} prompts in history)", flush=True)
+                      f"{r['busy_s']:.2f} s ({r['n']} prompts in history); start → first prompt {r['lead_ms']:.0f} ms, "
+                      f"last prompt → done {r['tail_ms']:.0f} ms", flush=True)
                 if mode == "comfyd":
                     print(f"      comfyd per job: CPU {r['cpu_ms_per_job']:.2f} ms; "
                           f"ComfyUI success → workflow_completed p50 {r['end_to_completed_p50']:.1f}"
                           f" / p95 {r['end_to_completed_p95']:.1f} ms; success of job k-1 → dispatch of job k+1 p50 "
-                          f"{r['turnaround_p50']:.1f} / p95 {r['turnaround_p95']:.1f} ms", flush=True)
+                          f"{r['turnaround_p50']:.1f} / p95 {r['turnaround_p95']:.1f} ms; from the start: first "
+                          f"queued {r['first_queued_ms']:.0f} ms, first dispatched {r['first_dispatched_ms']:.0f} ms, "
+                          f"all {args.jobs} queued {r['all_queued_ms']:.0f} ms", flush=True)
             await asyncio.sleep(0.5)
         print(f"\n  summary over {args.rounds} rounds of {args.jobs} jobs (median, min–max):")
         for mode, rs in results.items():
@@ -411,6 +428,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help="ComfyUI port (default: a free one)")
     parser.add_argument("--size", type=int, help="EmptyImage width and height (default: quick.json's 64)")
     parser.add_argument("--prefetch", type=int, help="comfyd backend prefetch (default: comfyd's own, 1)")
+    parser.add_argument("--submit-concurrency", type=int, default=8,
+                        help="submits in flight to comfyd at once (default 8; aiohttp's own limit is 100)")
     parser.add_argument("--profile", metavar="DIR", help="py-spy record comfyd during round 1's comfyd run")
     parser.add_argument("--keep", action="store_true", help="keep the output files this run made")
     args = parser.parse_args()
