@@ -322,6 +322,7 @@ async def run_case(args: argparse.Namespace, clients: int, workdir: Path) -> dic
     config.backends = [BackendConfig(url=backend_url, name="gpu0", gpu=0)]
     config.paths.outputs = str(case_dir / "comfyui" / "output")
     config.scheduler.backend_wait = 86400.0
+    config.scheduler.progress_interval = 0.0  # every step's progress is an event: ~100 events/s from one job
     service = Service(config)
     await service.start()
     runner = web.AppRunner(create_app(service), handle_signals=False, access_log=None)

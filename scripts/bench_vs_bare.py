@@ -7,7 +7,8 @@ every job of the whole run so ComfyUI's cache never answers; every job saves und
 comfyd's ``<workflowId>/`` prefix does) three ways per round:
 
   comfyd    through ``comfyd serve`` (subprocess; COMFYUI_API_URL = that ComfyUI, COMFYUI_OUTPUTS = its output
-            folder): submit all N over REST, wait until the stream has delivered N ``workflow:completed``;
+            folder): submit all N over REST (8 in flight), wait until the stream has delivered N
+            ``workflow:completed``;
   all       straight into ComfyUI, all N posted at once (POST /prompt), wait for the last
             ``executing {node: null}`` on its WebSocket;
   bare1+1   a bare client that keeps one prompt running and one waiting inside ComfyUI (POST /prompt + one

@@ -14,22 +14,19 @@ from comfyd.web import (
     system,
     workflows,
 )
-from comfyd.web.auth import auth_middleware
-from comfyd.web.errors import error_middleware
+from comfyd.web.auth import ApiKeyGate
+from comfyd.web.edge import edge_middleware
 from comfyd.web.keys import SERVICE
-from comfyd.web.metrics_mw import metrics_middleware
+from comfyd.web.metrics_mw import RequestMetrics
 
 
 def create_app(service) -> web.Application:  # type: ignore[no-untyped-def]
     config = service.config
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[
-            metrics_middleware(service.metrics),
-            error_middleware,
-            auth_middleware(config.auth.api_keys, public_metrics=config.server.public_metrics,
-                            public_health=config.server.public_health),
-        ],
+        middlewares=[edge_middleware(RequestMetrics(service.metrics), ApiKeyGate(
+            config.auth.api_keys, public_metrics=config.server.public_metrics,
+            public_health=config.server.public_health))],
     )
     app[SERVICE] = service
     for table in (system.routes, workflows.routes, jobs_list.routes, outputs.routes, models.routes, stream.routes,

@@ -6,7 +6,7 @@ import hmac
 
 from aiohttp import web
 
-from comfyd.web.errors import Handler, error_response
+from comfyd.web.errors import error_response
 
 
 def key_ok(presented: str | None, keys: list[bytes]) -> bool:
@@ -19,24 +19,25 @@ def key_ok(presented: str | None, keys: list[bytes]) -> bool:
     return ok
 
 
-def auth_middleware(api_keys: list[str], *, public_metrics: bool, public_health: bool):  # type: ignore[no-untyped-def]
-    keys = [k.encode() for k in api_keys]
-    open_paths = {"/"}
-    if public_health:
-        open_paths.add("/health")
-    if public_metrics:
-        open_paths.add("/metrics")
+class ApiKeyGate:
+    """Decides whether a request may pass: every ``/v1`` route and the stream need a key, a few paths are open."""
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not keys or request.path in open_paths:
-            return await handler(request)
+    def __init__(self, api_keys: list[str], *, public_metrics: bool, public_health: bool) -> None:
+        self.keys = [k.encode() for k in api_keys]
+        self.open_paths = {"/"}
+        if public_health:
+            self.open_paths.add("/health")
+        if public_metrics:
+            self.open_paths.add("/metrics")
+
+    def refuse(self, request: web.Request) -> web.Response | None:
+        """The 401 for a request without a valid key, or None to let it through."""
+        if not self.keys or request.path in self.open_paths:
+            return None
         presented = request.headers.get("X-API-Key")
         if presented is None and request.path == "/v1/comfyui/stream":
             presented = request.query.get("apiKey")  # browsers cannot set headers on a WebSocket
-        if not key_ok(presented, keys):
-            reason = "missing X-API-Key header" if presented is None else "invalid API key"
-            return error_response(401, "Unauthorized", reason, headers={"WWW-Authenticate": "ApiKey"})
-        return await handler(request)
-
-    return middleware
+        if key_ok(presented, self.keys):
+            return None
+        reason = "missing X-API-Key header" if presented is None else "invalid API key"
+        return error_response(401, "Unauthorized", reason, headers={"WWW-Authenticate": "ApiKey"})

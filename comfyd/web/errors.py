@@ -28,25 +28,23 @@ def from_domain(exc: ComfydError) -> web.Response:
     return web.json_response(exc.body(), status=exc.status, headers=headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ComfydError as exc:
+def response_for(request: web.Request, exc: Exception) -> web.Response:
+    """The error body for what a handler raised; HTTP exceptions that are not errors (redirects) or that
+    already carry a JSON body are raised again as they are."""
+    if isinstance(exc, ComfydError):
         return from_domain(exc)
-    except (MailboxFull, ActorStopped, asyncio.TimeoutError) as exc:
+    if isinstance(exc, (MailboxFull, ActorStopped, asyncio.TimeoutError)):
         return error_response(503, "Service Unavailable", f"comfyd is overloaded or stopping: {exc}",
                               headers={"Retry-After": "1"})
-    except web.HTTPRequestEntityTooLarge:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         limit = request.app[SERVICE].config.server.max_body_bytes
         return error_response(413, "Payload Too Large", f"the body is larger than the limit of {limit} bytes",
                               field="body", limit=limit)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400 or exc.content_type == "application/json":
-            raise
+            raise exc
         return error_response(exc.status, exc.reason, exc.text or exc.reason)
-    except json.JSONDecodeError as exc:
+    if isinstance(exc, json.JSONDecodeError):
         return error_response(400, "Bad Request", f"the body is not valid JSON: {exc}", field="body")
-    except Exception:
-        log.exception("http_handler_failed", method=request.method, path=request.path)
-        return error_response(500, "Internal Server Error", "an unexpected error occurred; see the service log")
+    log.error("http_handler_failed", method=request.method, path=request.path, exc_info=exc)
+    return error_response(500, "Internal Server Error", "an unexpected error occurred; see the service log")
