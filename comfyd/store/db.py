@@ -25,7 +25,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ CHECKPOINT_EVERY = 2000  # WAL frames' worth of writes (roughly) between backgro
 @dataclass(slots=True)
 class _Write:
     statements: list[Statement]
-    future: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    future: asyncio.Future[None]
 
 
 class Database:
@@ -148,11 +148,12 @@ class Database:
             raise StorageError("the database is closed")
         if len(self._pending) >= self.queue_max:
             raise StorageError("the database is behind on writes; try again shortly", retry_after=1)
-        item = _Write(list(statements))
+        loop = asyncio.get_running_loop()
+        item = _Write(list(statements), loop.create_future())
         self._pending.append(item)
         if not self._flush_scheduled and not self._committing:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
         return item.future
 
     def _flush(self) -> None:
