@@ -123,6 +123,8 @@ class Broadcaster(Actor[Message]):
             pass
 
     def publish(self, event: events.WorkflowEvent) -> None:
+        if not self.clients:
+            return  # nobody to tell (a client that connects later asks for the state it missed)
         try:
             self.tell(Publish(event=event))
         except Exception as exc:  # stopping or full: telemetry must never break the caller

@@ -31,7 +31,9 @@ class PendingQueue:
 
     def push(self, workflow_id: str, pool: str, rank: int, seq: int) -> None:
         key = (rank, seq, workflow_id)
-        self._pools.setdefault(pool, SortedList()).add(key)
+        if (jobs := self._pools.get(pool)) is None:
+            jobs = self._pools[pool] = SortedList()
+        jobs.add(key)
         self._keys[workflow_id] = (pool, key)
 
     def remove(self, workflow_id: str) -> bool:
