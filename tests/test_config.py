@@ -326,3 +326,11 @@ def test_bad_environment_values_are_config_errors(variable: str, value: str, key
 def test_an_unknown_override() -> None:
     with pytest.raises(ConfigError, match="unknown override colour"):
         load_config(None, env={"STATE_DIRECTORY": "/x"}, overrides={"colour": "blue"})
+
+
+def test_a_negative_progress_interval_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "[scheduler]\nprogress_interval = -0.5\n")
+    with pytest.raises(ConfigError, match=r"scheduler\.progress_interval must be 0 or more seconds"):
+        load_config(path, env={"STATE_DIRECTORY": "/x"})
+    assert load_config(write(tmp_path, "[scheduler]\nprogress_interval = 0\n"),
+                       env={"STATE_DIRECTORY": "/x"}).scheduler.progress_interval == 0
