@@ -39,7 +39,8 @@ log = structlog.get_logger("comfyd.store")
 
 Statement = tuple[str, Sequence[Any]]
 LOOP_BUSY_TIMEOUT_MS = 200  # the longest a commit on the event loop waits for another process's lock
-CHECKPOINT_EVERY = 2000  # WAL frames' worth of writes (roughly) between background checkpoints
+CHECKPOINT_EVERY = 1000  # statements committed between checkpoints (SQLite's own default: 1000 WAL pages)
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is truncated back to this when it starts over
 
 
 @dataclass(slots=True)
@@ -64,7 +65,7 @@ class Database:
         self._thread: ThreadPoolExecutor | None = None
         self._pending: list[_Write] = []
         self._flush_scheduled = False
-        self._committing = False
+        self._busy = False  # a batch is being committed, or a checkpoint runs: new writes wait in _pending
         self._idle = asyncio.Event()
         self._closed = True
         self._since_checkpoint = 0
@@ -81,6 +82,7 @@ class Database:
         busy = self.busy_timeout_ms if self.offloaded else min(self.busy_timeout_ms, LOOP_BUSY_TIMEOUT_MS)
         for pragma in _pragmas(self.synchronous, busy):
             self._writer.execute(pragma)
+        self._writer.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         if not self.offloaded:
             self._writer.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints (and their fsyncs) run elsewhere
         self._migrate(self._writer)
@@ -122,8 +124,8 @@ class Database:
         if self._closed:
             return
         self._closed = True
-        while self._pending or self._committing:
-            if not self._flush_scheduled and not self._committing:
+        while self._pending or self._busy:
+            if not self._flush_scheduled and not self._busy:
                 self._flush()
             else:
                 self._idle.clear()
@@ -151,7 +153,7 @@ class Database:
         loop = asyncio.get_running_loop()
         item = _Write(list(statements), loop.create_future())
         self._pending.append(item)
-        if not self._flush_scheduled and not self._committing:
+        if not self._flush_scheduled and not self._busy:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return item.future
@@ -162,7 +164,7 @@ class Database:
         if not self._pending or self._writer is None:
             return
         batch, self._pending = self._pending[:self.batch_max], self._pending[self.batch_max:]
-        self._committing = True
+        self._busy = True
         if self._thread is None:
             self._committed(batch, self._commit(batch))
             return
@@ -189,7 +191,6 @@ class Database:
         return [None] * len(batch)
 
     def _committed(self, batch: list[_Write], outcomes: list[Exception | None]) -> None:
-        self._committing = False
         stored = sum(1 for o in outcomes if o is None)
         if stored:
             self.batches += 1
@@ -199,19 +200,25 @@ class Database:
                 self.on_commit(stored)
         for item, outcome in zip(batch, outcomes):
             _settle(item, outcome)
-        if self._pending:
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
-        else:
-            self._idle.set()
-        if not self.offloaded and self._since_checkpoint >= CHECKPOINT_EVERY and self._checkpoint is None:
-            self._since_checkpoint = 0
+        if not self.offloaded and self._since_checkpoint >= CHECKPOINT_EVERY:
+            self._since_checkpoint = 0  # the writer stays busy until the checkpoint is done
             self._checkpoint = asyncio.get_running_loop().create_task(self._run_checkpoint(), name="store:checkpoint")
+            return
+        self._busy = False
+        self._resume()
+
+    def _resume(self) -> None:
+        if not self._pending:
+            self._idle.set()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     async def _run_checkpoint(self) -> None:
-        """Copy the WAL back into the database (with its fsyncs) in aiosqlite's thread; PASSIVE never blocks
-        the writer. The WAL file is reused from its start once a checkpoint has caught up."""
+        """Copy the WAL back into the database, with its fsyncs, in aiosqlite's thread while the loop runs on.
+        Writes wait meanwhile (they gather into the next batch): with no commit racing it, the checkpoint
+        catches up with the whole WAL, so the next commit starts the WAL over. Under steady load a checkpoint
+        beside the writer would never catch up and the WAL would grow without bound."""
         try:
             if self._checkpointer is not None:
                 await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -220,6 +227,8 @@ class Database:
             log.warning("database_checkpoint_failed", error=str(exc))
         finally:
             self._checkpoint = None
+            self._busy = False
+            self._resume()
 
     # -- reads -------------------------------------------------------------------------------------------
     def lookup(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:

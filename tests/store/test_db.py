@@ -12,7 +12,7 @@ import pytest
 
 from comfyd.errors import BadRequest, StorageError
 from comfyd.messages import JobError, Output
-from comfyd.store.db import Database
+from comfyd.store.db import CHECKPOINT_EVERY, Database
 from comfyd.store.jobs import JobStore
 from comfyd.store.migrations import MIGRATIONS
 from comfyd.store.outputs import OutputIndex, decode_cursor, encode_cursor
@@ -84,16 +84,34 @@ async def test_normal_commits_on_the_loop_and_checkpoints_in_the_background(db_p
     await db.open()
     try:
         assert not db.offloaded
-        assert db._writer.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
-        await asyncio.wait_for(asyncio.gather(*(db.write([(META, (f"c{i}", "x" * 100))]) for i in range(2500))),
-                               WAIT)
-        checkpoint = db._checkpoint
-        assert checkpoint is not None
-        await asyncio.wait_for(checkpoint, WAIT)
+        assert db._writer.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)  # noqa: SLF001
+        for i in range(CHECKPOINT_EVERY):  # one commit each: the last one crosses the threshold
+            await asyncio.wait_for(db.write([(META, (f"c{i}", "x" * 100))]), WAIT)
+        assert db._checkpoint is not None and db.checkpoints == 0  # noqa: SLF001 - started, not run yet
+        late = db.write([(META, ("during", "checkpoint"))])
+        await asyncio.sleep(0)  # one loop turn: without the checkpoint, this write would be committed now
+        await asyncio.sleep(0)
+        assert not late.done()  # it waits for the checkpoint, then goes in the next batch
+        await asyncio.wait_for(late, WAIT)
         assert db.checkpoints == 1
     finally:
         await db.close()
-    assert outside(db_path, "SELECT COUNT(*) FROM meta WHERE key LIKE 'c%'") == [(2500,)]
+    assert outside(db_path, "SELECT COUNT(*) FROM meta WHERE key LIKE 'c%' OR key = 'during'") == [(1001,)]
+
+
+async def test_the_wal_stays_bounded_under_a_steady_stream_of_commits(db_path: Path) -> None:
+    """One commit after another, as under steady intake: each checkpoint catches up with the whole WAL, so
+    the WAL starts over instead of growing (a checkpoint racing the writer never caught up: 350 MB in 15 s)."""
+    db = Database(db_path, synchronous="NORMAL")
+    await db.open()
+    try:
+        for i in range(5 * CHECKPOINT_EVERY):  # a page or two per commit: ~48 MB of WAL without checkpoints
+            await asyncio.wait_for(db.write([(META, (f"s{i}", "y" * 200))]), WAIT)
+        wal = db_path.with_name(db_path.name + "-wal")
+        assert db.checkpoints >= 4
+        assert wal.stat().st_size < 16 * 1024 * 1024, wal.stat().st_size  # what one interval's commits need
+    finally:
+        await db.close()
 
 
 async def test_full_commits_in_the_writer_thread(db_path: Path) -> None:
