@@ -180,8 +180,10 @@ async def watch_stream(proc: ComfydProcess, on_event: Callable[[dict[str, Any]],
 
 
 # -- the cases --------------------------------------------------------------------------------------------
-async def test_kill_right_after_202(standin: StandInComfyUI, comfyd_process: MakeComfyd) -> None:
-    proc = await comfyd_process(standin)
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+async def test_kill_right_after_202(synchronous: str, standin: StandInComfyUI, comfyd_process: MakeComfyd) -> None:
+    """Both commit paths: on the event loop (NORMAL) and in the writer thread (FULL)."""
+    proc = await comfyd_process(standin, env={"COMFYD_SYNCHRONOUS": synchronous})
     status, body = await proc.request("POST", "/v1/comfyui/workflow", json={"workflow": quick()})
     proc.kill()  # SIGKILL the moment the 202 is read
     assert status == 202, body
@@ -324,6 +326,7 @@ async def _kill_again_during_recovery(proc: ComfydProcess, standin: StandInComfy
 
 KILL_POINTS: dict[str, Callable[[ComfydProcess, StandInComfyUI, Ledger], Awaitable[set[str]]]] = {
     "intake_burst": _kill_during_intake_burst,
+    "intake_burst_full": _kill_during_intake_burst,
     "slow_job_held": _kill_while_slow_job_held,
     "nth_completion": _kill_at_nth_completion,
     "comfyui_down_too": _kill_while_comfyui_down_too,
@@ -333,7 +336,9 @@ KILL_POINTS: dict[str, Callable[[ComfydProcess, StandInComfyUI, Ledger], Awaitab
 
 @pytest.mark.parametrize("kill_point", list(KILL_POINTS))
 async def test_kill_point(kill_point: str, standin: StandInComfyUI, comfyd_process: MakeComfyd) -> None:
-    proc = await comfyd_process(standin)
+    # the intake burst also with commits in the writer thread (synchronous = FULL)
+    proc = await comfyd_process(standin, env={"COMFYD_SYNCHRONOUS": "FULL"} if kill_point == "intake_burst_full"
+                                else None)
     ledger = Ledger(standin)
     finished_while_down = await KILL_POINTS[kill_point](proc, standin, ledger)
     ledger.accepted += [await proc.submit(quick()) for _ in range(3)]  # and life goes on after the restart

@@ -62,6 +62,27 @@ async def test_silent_socket_completes_from_history(standin, comfyd_factory) -> 
     assert end["type"] == "workflow:completed" and len(end["outputs"]) == 1
 
 
+async def test_a_run_heard_whole_completes_from_its_frames_without_reading_history(comfyd: Comfyd, standin) -> None:
+    workflow_id = await comfyd.submit(quick(5))
+    end = await comfyd.wait_end(workflow_id)
+    assert end["type"] == "workflow:completed" and len(end["outputs"]) == 1
+    assert f"{workflow_id}-1" not in standin.history_reads  # execution_success and executed frames said it all
+
+
+async def test_a_run_whose_socket_dropped_completes_from_history(comfyd: Comfyd, standin) -> None:
+    standin.hold()
+    workflow_id = await comfyd.submit(quick(6))
+    prompt_id = f"{workflow_id}-1"
+    await standin.wait_for(lambda: standin.held is not None)
+    standin.drop_sockets()  # frames sent meanwhile would be lost: comfyd must not trust the socket alone
+    await standin.wait_for(lambda: prompt_id in standin.history_reads)  # reconnected: asked where it is
+    before = standin.history_reads.count(prompt_id)
+    standin.release()
+    end = await comfyd.wait_end(workflow_id)
+    assert end["type"] == "workflow:completed" and len(end["outputs"]) == 1
+    assert standin.history_reads.count(prompt_id) > before  # the end was confirmed from /history
+
+
 async def test_cached_rerun_still_has_outputs(comfyd: Comfyd, standin) -> None:
     graph = quick(4)
     first = await comfyd.submit(graph, keepPrefix=True)

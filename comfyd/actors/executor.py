@@ -98,8 +98,7 @@ class Executor(Actor[Message]):
 
     async def on_stop(self) -> None:
         for state in self.runs.values():
-            if state.timer is not None:
-                state.timer.cancel()
+            state.cancel_timers()
 
     # -- messages ------------------------------------------------------------------------------------------
     async def handle(self, message: Message) -> Any:
@@ -182,6 +181,8 @@ class Executor(Actor[Message]):
                         running.last_heard = time.monotonic()
             return
         state.last_heard = time.monotonic()
+        if frame.type == "execution_start":
+            state.heard_all = True  # from its start on, every frame of the run comes over this socket
         match state.tracker.apply(frame.type, data):
             case "start":
                 self._started(state, int(data.get("timestamp") or time.time() * 1000))
@@ -248,14 +249,12 @@ class Executor(Actor[Message]):
         if state is None:
             return
         self.by_workflow.pop(state.run.workflow_id, None)
-        if state.timer is not None:
-            state.timer.cancel()
-        state.close_progress()
+        state.cancel_timers()
         self._report(message.result)
         self._post_staged()
 
     def _return(self, state: RunState, reason: str) -> None:
-        state.close_progress()
+        state.cancel_timers()
         self.runs.pop(state.run.prompt_id, None)
         self.by_workflow.pop(state.run.workflow_id, None)
         self._report(Returned(workflow_id=state.run.workflow_id, backend=self.config.name, reason=reason))
@@ -367,6 +366,7 @@ class Executor(Actor[Message]):
         self.spawn(self._load_catalogue(), name=f"{self.name}:object_info")
         self._report(BackendState(backend=self.config.name, up=True))
         for state in list(self.runs.values()):
+            state.heard_all = False  # frames sent while the socket was away are lost: /history has them
             if state.posted:
                 self._check(state)  # whatever happened while we were away, ask ComfyUI
 

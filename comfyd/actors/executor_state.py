@@ -74,8 +74,15 @@ class RunState:
     staged: bool = False  # held by comfyd (dispatch committed), posted the moment a prompt leaves ComfyUI
     last_heard: float = field(default_factory=time.monotonic)
     progress: ProgressReports | None = None  # from the start on
+    heard_all: bool = False  # every frame since execution_start arrived on one socket: its outputs are complete
     timer: asyncio.TimerHandle | None = None  # the job's timeout
 
     def close_progress(self) -> None:
         if self.progress is not None:
             self.progress.close()
+
+    def cancel_timers(self) -> None:
+        """The run is over here: no timeout fires for it, no progress report follows."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.close_progress()

@@ -1,4 +1,8 @@
-"""How a run ends: read its history entry (it lags the socket), collect its outputs, and decide the result."""
+"""How a run ends: read its history entry (it lags the socket), collect its outputs, and decide the result.
+
+A run that succeeded with every frame heard on one socket needs no history: ComfyUI sends ``executed`` for
+every output node, cached ones included (trace s02), before ``execution_success``, and the history entry holds
+the same outputs. Skipping the read spares ComfyUI a request at the moment it starts the next prompt."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ async def conclude(client: ComfyClient, state: RunState, backend: BackendConfig,
                    entry: dict[str, Any] | None = None) -> tuple[JobFinished, bool]:
     """The run's ``JobFinished``, and whether it ran out of memory (the backend should free memory next)."""
     run, tracker = state.run, state.tracker
-    if entry is None:
+    if entry is None and not (tracker.succeeded and state.heard_all):
         entry = await history_with_retry(client, run.prompt_id)
     if entry is not None:
         tracker.on_history(entry)

@@ -141,6 +141,8 @@ async def get_history(request: web.Request) -> web.Response:
 async def get_history_item(request: web.Request) -> web.Response:
     queue = _rt(request).queue
     prompt_id = request.match_info["prompt_id"]
+    _rt(request).record.history_reads.append(prompt_id)
+    _rt(request).signal.notify()  # tests wait on it
     entry = queue.history.get(prompt_id)
     return web.json_response({prompt_id: copy.deepcopy(entry)} if entry is not None else {})
 

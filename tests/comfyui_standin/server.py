@@ -47,6 +47,7 @@ class StandInComfyUI:
         self.executed_prompt_ids: list[str] = []
         self.free_calls: list[Any] = []
         self.interrupt_calls: list[Any] = []
+        self.history_reads: list[str] = []  # prompt ids asked for with GET /history/{prompt_id}
         self.internal_errors: list[BaseException] = []
         self.starts = 0
 
@@ -147,6 +148,10 @@ class StandInComfyUI:
         await self.stop()
 
     # -- knobs --------------------------------------------------------------------
+    def drop_sockets(self) -> None:
+        """A network blip: every WebSocket is cut (the client sees 1006); prompts keep running."""
+        self._runtime().hub.abort_connections()
+
     def set_silent(self, silent: bool = True) -> None:
         """Keep sockets open but send no frames at all (execution and history go on)."""
         self._silent = silent
