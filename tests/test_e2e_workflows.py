@@ -30,18 +30,23 @@ async def test_quick_completes_with_downloadable_output(comfyd: Comfyd, standin)
     assert (standin.output_dir / output["filename"]).read_bytes() == body
 
 
-async def test_slow_reports_progress_in_order(comfyd: Comfyd) -> None:
+async def events_of(comfyd: Comfyd, graph: dict) -> tuple[str, list[dict]]:
+    """Submit ``graph`` with a stream open; its id and its events, up to its end."""
+    seen = []
     async with comfyd.stream() as ws:
-        workflow_id = await comfyd.submit(workflow("slow"))
-        seen = []
+        workflow_id = await comfyd.submit(graph)
         async with asyncio.timeout(20):
             async for message in ws:
                 event = json.loads(message.data)
-                if event.get("workflowId") != workflow_id:
-                    continue
-                seen.append(event)
-                if event["type"] in ("workflow:completed", "workflow:error"):
-                    break
+                if event.get("workflowId") == workflow_id:
+                    seen.append(event)
+                    if event["type"] in ("workflow:completed", "workflow:error"):
+                        break
+    return workflow_id, seen
+
+
+async def test_slow_reports_progress_in_order(comfyd: Comfyd) -> None:
+    _, seen = await events_of(comfyd, workflow("slow"))
     types = [e["type"] for e in seen]
     assert types[0] == "workflow:queued" and types[1] == "workflow:started" and types[-1] == "workflow:completed"
     progress = [e["progress"] for e in seen if e["type"] == "workflow:progress"]
@@ -119,17 +124,8 @@ async def test_progress_of_a_quick_job_folds_into_its_outcome(standin, comfyd_fa
     """A job that ends within its first progress interval reports no progress events: its end carries where it
     got to, and the stored job still names its last node. (A long interval keeps the test free of timing.)"""
     comfyd: Comfyd = await comfyd_factory([standin], progress_interval=30.0)
-    async with comfyd.stream() as ws:
-        workflow_id = await comfyd.submit(workflow("quick"))
-        types = []
-        async with asyncio.timeout(20):
-            async for message in ws:
-                event = json.loads(message.data)
-                if event.get("workflowId") == workflow_id:
-                    types.append(event["type"])
-                    if event["type"] in ("workflow:completed", "workflow:error"):
-                        break
-    assert types == ["workflow:queued", "workflow:started", "workflow:completed"]
+    workflow_id, seen = await events_of(comfyd, workflow("quick"))
+    assert [e["type"] for e in seen] == ["workflow:queued", "workflow:started", "workflow:completed"]
     job = await comfyd.get(workflow_id)
     assert job["progress"] == 100 and job["currentNode"] == "SaveImage"
 
