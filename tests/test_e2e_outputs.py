@@ -29,9 +29,13 @@ async def test_foreign_file_is_indexed_as_unknown_and_attributed_in_workflow_fol
     assert by_name["made_in_comfyui_ui_00001_.png"]["type"] == "image"
     assert by_name[f"{done}/extra.txt"]["workflowId"] == done and by_name[f"{done}/extra.txt"]["type"] == "other"
     assert len([o for o in body["outputs"] if o["workflowId"] == done]) == 2
-    # a second scan adds nothing; a file removed by hand leaves the index
+    # a second scan adds nothing; a file removed by hand leaves the index, and its job's list
     stray.unlink()
     assert await comfyd.service.indexer.ask(Rescan(), 10) == (0, 1)
+    [made] = (await comfyd.get(done))["outputs"]
+    (outputs / made["filename"]).unlink()
+    assert await comfyd.service.indexer.ask(Rescan(), 10) == (0, 1)
+    assert (await comfyd.get(done))["outputs"] == []
 
 
 async def test_remote_backend_outputs_are_fetched_through_view(standin, comfyd_factory, tmp_path) -> None:
@@ -68,6 +72,8 @@ async def test_pages_chain_and_delete(comfyd: Comfyd, standin) -> None:
     assert not (comfyd.service.config.outputs_dir / seen[0]).exists()
     status, body = await comfyd.request("GET", f"/v1/comfyui/outputs?workflowId={ids[-1]}")
     assert body["outputs"] == []
+    assert (await comfyd.get(ids[-1]))["outputs"] == []  # its job no longer lists it either
+    assert len((await comfyd.get(ids[-2]))["outputs"]) == 1  # and the neighbours keep theirs
     assert (await comfyd.request("DELETE", f"/v1/comfyui/outputs/{seen[0]}"))[0] == 404
     assert (await comfyd.request("DELETE", "/v1/comfyui/outputs/..%2F..%2Fetc%2Fpasswd"))[0] in (400, 404)
 

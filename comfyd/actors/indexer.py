@@ -21,6 +21,7 @@ from comfyd.actors.base import Actor
 from comfyd.messages import Message
 from comfyd.outputs.files import describe
 from comfyd.store.db import Database
+from comfyd.store.jobs import JobStore
 from comfyd.store.outputs import OutputIndex
 
 log = structlog.get_logger("comfyd.indexer")
@@ -39,6 +40,7 @@ class OutputIndexer(Actor[Message]):
     def __init__(self, db: Database, outputs_dir: Path, *, interval: float = 300.0) -> None:
         super().__init__("indexer")
         self.db = db
+        self.jobs = JobStore(db)
         self.outputs_dir = outputs_dir
         self.interval = interval
 
@@ -88,14 +90,18 @@ class OutputIndexer(Actor[Message]):
         last = 0
         while True:
             rows = await self.db.fetchall(
-                "SELECT id, path FROM outputs WHERE id > ? ORDER BY id LIMIT 1000", (last,))
+                "SELECT id, path, workflow_id FROM outputs WHERE id > ? ORDER BY id LIMIT 1000", (last,))
             if not rows:
                 return removed
             last = rows[-1][0]
-            gone = [r[1] for r in rows if r[1] not in found]
-            gone = [p for p in gone if not (self.outputs_dir / p).exists()]  # written since the walk
+            gone = [(r[1], r[2]) for r in rows if r[1] not in found]
+            gone = [(p, w) for p, w in gone if not (self.outputs_dir / p).exists()]  # written since the walk
             if gone:
-                await self.db.write([("DELETE FROM outputs WHERE path = ?", (p,)) for p in gone])
+                statements = [OutputIndex.delete_statement(p) for p, _ in gone]
+                for path, workflow_id in gone:  # a job stops listing a file deleted by hand, too
+                    if (unlisted := self.jobs.without_output(workflow_id, path)) is not None:
+                        statements.append(unlisted)
+                await self.db.write(statements)
                 removed += len(gone)
 
 

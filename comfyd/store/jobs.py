@@ -91,6 +91,13 @@ class JobStore:
             fields["current_node"] = current_node
         return self.update_statement(workflow_id, **fields)
 
+    def without_output(self, workflow_id: str, relpath: str) -> Statement | None:
+        """The update that drops a deleted file from its job's stored outputs (None: the job does not list it)."""
+        row = self.db.lookup("SELECT outputs FROM workflows WHERE id = ?", (workflow_id,))
+        outputs = _outputs.decode(row[0]) if row and row[0] else []
+        kept = [o for o in outputs if o.relpath != relpath]
+        return self.update_statement(workflow_id, outputs=kept) if len(kept) < len(outputs) else None
+
     # -- reads -------------------------------------------------------------------------------------------
     async def get(self, workflow_id: str) -> JobRecord | None:
         row = self.db.lookup(f"SELECT {_COLUMNS} FROM workflows WHERE id = ?", (workflow_id,))

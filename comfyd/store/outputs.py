@@ -69,8 +69,9 @@ class OutputIndex:
         next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more and rows else None
         return {"outputs": [view(r) for r in rows], "nextCursor": next_cursor}
 
-    def delete(self, path: str) -> Any:
-        return self.db.write([("DELETE FROM outputs WHERE path = ?", (path,))])
+    @staticmethod
+    def delete_statement(path: str) -> Statement:
+        return "DELETE FROM outputs WHERE path = ?", (path,)
 
     @staticmethod
     def upsert_statement(*, path: str, workflow_id: str, facts: dict[str, Any], created_at: int) -> Statement:

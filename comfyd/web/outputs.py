@@ -48,17 +48,20 @@ async def download(request: web.Request) -> web.StreamResponse:
 
 @routes.delete("/v1/comfyui/outputs/{filename:.+}")
 async def delete_output(request: web.Request) -> web.Response:
-    """Remove an output file and its index entry."""
+    """Remove an output file, its index entry, and its place in its job's outputs."""
     service = request.app[SERVICE]
     relpath = safe_relpath(request.match_info["filename"])
     try:
         path = resolve_inside(service.config.outputs_dir, relpath)
     except NotFound:
         path = None
-    row = service.db.lookup("SELECT 1 FROM outputs WHERE path = ?", (relpath,))
+    row = service.db.lookup("SELECT workflow_id FROM outputs WHERE path = ?", (relpath,))
     if path is None and row is None:
         raise NotFound(f"output {relpath} not found")
     if path is not None:
         await asyncio.to_thread(path.unlink, missing_ok=True)
-    await service.outputs.delete(relpath)
+    statements = [service.outputs.delete_statement(relpath)]
+    if row is not None and (unlisted := service.jobs.without_output(row[0], relpath)) is not None:
+        statements.append(unlisted)  # the job no longer lists it either, in the same commit
+    await service.db.write(statements)
     return web.json_response({"filename": relpath, "deleted": True})
