@@ -16,7 +16,8 @@ import structlog
 
 from comfyd.actors.broadcaster import Broadcaster, PublishRaw
 from comfyd.actors.executor import Executor
-from comfyd.actors.gpu_monitor import GpuMonitor
+from comfyd.actors.base import ActorStopped, MailboxFull
+from comfyd.actors.gpu_monitor import GpuMonitor, WatchBackend
 from comfyd.actors.indexer import OutputIndexer
 from comfyd.actors.janitor import Janitor
 from comfyd.actors.registry import Registration, Registry
@@ -165,6 +166,7 @@ class Service:
                     executor.retired = False
                     self.scheduler.tell(AddBackend(name=executor.config.name, pool=executor.config.pool,
                                                    capacity=executor.capacity, executor=executor))
+                    self._watch_gpus(executor, present=True)
                 return executor.config.name
         assert self.session is not None
         config = BackendConfig(url=url, name=f"svc-{service}", pool=pool)
@@ -174,11 +176,23 @@ class Service:
         self.executors[config.name] = executor
         self.scheduler.tell(AddBackend(name=config.name, pool=pool, capacity=executor.capacity, executor=executor))
         self.supervisor.start(executor)
+        self._watch_gpus(executor, present=True)
         return config.name
 
     def _backend_left(self, name: str) -> None:
         self.executors[name].retired = True
         self.scheduler.tell(RetireBackend(name=name))
+        self._watch_gpus(self.executors[name], present=False)
+
+    def _watch_gpus(self, executor: Executor, *, present: bool) -> None:
+        """A backend that joined (or left) at run time is sampled (or no longer) by the GPU monitor."""
+        if self.gpu_monitor is None:
+            return  # not started yet: it starts with every executor there is
+        try:
+            self.gpu_monitor.tell(WatchBackend(name=executor.config.name, pool=executor.config.pool,
+                                               client=executor.client if present else None))
+        except (MailboxFull, ActorStopped):
+            log.warning("gpu_watch_skipped", backend=executor.config.name)
 
     def _add_executor(self, backend: BackendConfig) -> Executor:
         assert self.session is not None

@@ -22,6 +22,9 @@ async def test_registered_comfyui_becomes_a_backend_for_the_next_job(comfyd_fact
     assert end["type"] == "workflow:completed"
     assert (await comfyd.get(workflow_id))["backend"] == "svc-comfyui-mcp"
     assert [p["prompt_id"] for p in other.posted] == [f"{workflow_id}-1"]
+    monitor = comfyd.service.gpu_monitor
+    await monitor.snapshot()  # its mailbox is in order: the new backend is watched by now
+    assert any(g["gpu_id"].startswith("svc-comfyui-mcp:") for g in await monitor.sample_once())  # its GPUs too
     status, listing = await comfyd.request("GET", "/v1/services")
     [service] = listing["services"]
     assert service["service"] == "comfyui-mcp" and service["capabilities"] == body["capabilities"]
@@ -33,6 +36,8 @@ async def test_registered_comfyui_becomes_a_backend_for_the_next_job(comfyd_fact
     assert (await comfyd.request("DELETE", "/v1/services/comfyui-mcp"))[0] == 404
     backends = {b["name"]: b["state"] for b in (await comfyd.request("GET", "/v1/comfyui/backends"))[1]["backends"]}
     assert backends["svc-comfyui-mcp"] == "retired"
+    await monitor.snapshot()
+    assert not any(g["gpu_id"].startswith("svc-comfyui-mcp:") for g in await monitor.sample_once())
     # registered again with the same URL: it takes work again
     assert (await comfyd.request("POST", "/v1/services/register", json=body))[0] == 201
     again = await comfyd.submit(workflow("quick", **{"1.color": 4244}))

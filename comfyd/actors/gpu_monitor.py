@@ -63,6 +63,15 @@ class GpuSnapshot(Message, frozen=True):
     """Ask: the latest sample, ``{"gpus": [sample dicts], "source": "nvml" | "system_stats" | "none"}``."""
 
 
+class WatchBackend(Message, frozen=True):
+    """A backend that joined at run time (the service registry): sample it like the configured ones. Without
+    a ``client``: it left, stop sampling it (its series go with the next sample)."""
+
+    name: str
+    pool: str = "local"
+    client: Any = None
+
+
 class Backend(NamedTuple):
     """A ComfyUI server whose ``/system_stats`` the monitor may ask. ``(name, client)`` means pool ``local``."""
 
@@ -126,6 +135,13 @@ class GpuMonitor(Actor[Message]):
         match message:
             case GpuSnapshot():
                 return {"gpus": list(self._latest), "source": self.source}
+            case WatchBackend():
+                self.backends = [b for b in self.backends if b.name != message.name]
+                if message.client is not None:
+                    self.backends.append(Backend(message.name, message.client, message.pool))
+                self._choose_sources()
+                if self.source != SOURCE_NONE and self._sampling is None:
+                    self._sampling = self.spawn(self._sample_forever(), name="gpu_monitor:sampling")
             case _:
                 raise TypeError(f"gpu monitor cannot handle {type(message).__name__}")
 

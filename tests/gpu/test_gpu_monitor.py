@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from comfyd.actors import gpu_monitor
 from comfyd.actors.base import MailboxFull
-from comfyd.actors.gpu_monitor import GpuMonitor
+from comfyd.actors.gpu_monitor import GpuMonitor, WatchBackend
 from comfyd.comfy.client import ComfyClient
 from comfyd.gpu import NvmlSampler
 from comfyd.metrics import Metrics
@@ -358,6 +358,35 @@ async def test_no_source_at_all(monitors, logs):
     monitor = monitors(Metrics(), published, [], interval=0.01, nvml=unavailable_nvml())
     assert await monitor.snapshot() == {"gpus": [], "source": "none"}  # answered after on_start
     assert published.queue.empty() and len(logs.named("nvml_unavailable")) == 1
+
+
+async def test_a_backend_that_joins_later_is_sampled_and_one_that_leaves_is_not(fake, monitors, stats_servers,
+                                                                                  session):
+    remote = await stats_servers()
+    metrics, published = Metrics(), Published()
+    monitor = monitors(metrics, published, [], interval=3600, nvml=NvmlSampler(nvml=fake))
+    await published.next()  # the first sample: NVML only
+    monitor.tell(WatchBackend(name="svc-salad", pool="salad", client=ComfyClient(remote.url, session)))
+    await monitor.snapshot()  # handled in order: the backend is watched now
+    gpus = await monitor.sample_once()
+    assert [(g["gpu_id"], g["source"]) for g in gpus] == [("0", "nvml"), ("1", "nvml"), ("svc-salad:0", "system_stats")]
+    assert value(metrics, "comfyui_vram_total_bytes", "svc-salad:0") == S15_TOTAL
+    monitor.tell(WatchBackend(name="svc-salad"))  # deregistered
+    await monitor.snapshot()
+    gpus = await monitor.sample_once()
+    assert [g["gpu_id"] for g in gpus] == ["0", "1"]
+    assert value(metrics, "comfyui_vram_total_bytes", "svc-salad:0") is None  # its series is gone
+
+
+async def test_with_no_source_sampling_starts_when_a_backend_joins(monitors, stats_servers, session):
+    remote = await stats_servers()
+    published = Published()
+    monitor = monitors(Metrics(), published, [], interval=3600, nvml=unavailable_nvml())
+    assert (await monitor.snapshot())["source"] == "none"
+    monitor.tell(WatchBackend(name="svc-0", pool="local", client=ComfyClient(remote.url, session)))
+    body = await published.next()
+    assert [(g["gpu_id"], g["source"]) for g in body["gpus"]] == [("svc-0:0", "system_stats")]
+    assert (await monitor.snapshot())["source"] == "system_stats"
 
 
 async def test_publish_failure_does_not_stop_sampling(fake, monitors, logs):
