@@ -197,6 +197,20 @@ async def test_kill_right_after_202(synchronous: str, standin: StandInComfyUI, c
     assert views[workflow_id]["status"] == "completed"
 
 
+async def _kill_with_slow_job_held(proc: ComfydProcess, standin: StandInComfyUI, ledger: Ledger) -> str:
+    """A slow job held mid-run inside ComfyUI, one more waiting there, three queued in comfyd: SIGKILL."""
+    standin.hold()
+    held = await proc.submit(slow())
+    ledger.accepted.append(held)
+    await standin.wait_for(lambda: standin.held is not None, 10)
+    ledger.accepted += [await proc.submit(quick()) for _ in range(4)]
+    await standin.wait_for(lambda: len(standin.pending_prompt_ids) == 1, 10)
+    await proc.wait_line(lambda l: l.get("event") == "workflow_started" and l.get("workflow_id") == held, 10)
+    proc.kill()
+    assert await proc.wait() == -9
+    return held
+
+
 async def _kill_during_intake_burst(proc: ComfydProcess, standin: StandInComfyUI, ledger: Ledger) -> set[str]:
     """30 concurrent submits; SIGKILL the moment the first 202 arrives. Half of the requests are still
     uploading their body then; of the others some are committed, some answered, some neither."""
@@ -221,15 +235,7 @@ async def _kill_during_intake_burst(proc: ComfydProcess, standin: StandInComfyUI
 async def _kill_while_slow_job_held(proc: ComfydProcess, standin: StandInComfyUI, ledger: Ledger) -> set[str]:
     """A slow job held mid-run inside ComfyUI, one more waiting there, three queued in comfyd: kill, restart,
     and only then let ComfyUI go on. The running prompt is followed again, not posted again."""
-    standin.hold()
-    held = await proc.submit(slow())
-    ledger.accepted.append(held)
-    await standin.wait_for(lambda: standin.held is not None, 10)
-    ledger.accepted += [await proc.submit(quick()) for _ in range(4)]
-    await standin.wait_for(lambda: len(standin.pending_prompt_ids) == 1, 10)
-    await proc.wait_line(lambda l: l.get("event") == "workflow_started" and l.get("workflow_id") == held, 10)
-    proc.kill()
-    assert await proc.wait() == -9
+    held = await _kill_with_slow_job_held(proc, standin, ledger)
     assert standin.held == (f"{held}-1", "1")
     await proc.restart()
     await proc.wait_event("backend_up", 10)  # its socket is back: ComfyUI's frames reach comfyd again
@@ -305,15 +311,7 @@ async def _kill_while_comfyui_down_too(proc: ComfydProcess, standin: StandInComf
 async def _kill_again_during_recovery(proc: ComfydProcess, standin: StandInComfyUI, ledger: Ledger) -> set[str]:
     """Killed while a slow job is held, then killed again by the restart itself, the moment its recovery hands
     the first job back to the executor; the third run recovers what the second left half-done."""
-    standin.hold()
-    held = await proc.submit(slow())
-    ledger.accepted.append(held)
-    await standin.wait_for(lambda: standin.held is not None, 10)
-    ledger.accepted += [await proc.submit(quick()) for _ in range(4)]
-    await standin.wait_for(lambda: len(standin.pending_prompt_ids) == 1, 10)
-    await proc.wait_line(lambda l: l.get("event") == "workflow_started" and l.get("workflow_id") == held, 10)
-    proc.kill()
-    assert await proc.wait() == -9
+    held = await _kill_with_slow_job_held(proc, standin, ledger)
     await proc.restart(kill_when=lambda l: l.get("event") == "workflow_dispatched" and l.get("reattach") is True)
     assert await proc.wait() == -9, proc.tail()
     await proc.restart()

@@ -13,24 +13,9 @@ import pytest
 from comfyd.actors import base, supervisor
 from comfyd.actors.base import Actor, ActorStopped, MailboxFull
 from comfyd.actors.supervisor import Supervisor
+from tests.recording_log import RecordingLog
 
 WAIT = 5.0  # upper bound for anything the tests await; nothing here should come close
-
-
-class RecordingLog:
-    """Stands in for a module's structlog logger: keeps (level, event, fields) of every call."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, dict[str, Any]]] = []
-
-    def __getattr__(self, level: str) -> Any:
-        def record(event: str, *args: Any, **fields: Any) -> None:
-            self.lines.append((level, event, fields))
-
-        return record
-
-    def events(self, level: str | None = None) -> list[str]:
-        return [event for lvl, event, _ in self.lines if level is None or lvl == level]
 
 
 class Probe(Actor[Any]):

@@ -31,6 +31,7 @@ from comfyd.metrics import Metrics
 from comfyd.web import gpus
 from comfyd.web.keys import SERVICE
 from tests.gpu.fake_nvml import FakeNvml, GiB, two_gpus
+from tests.recording_log import RecordingLog
 
 WAIT = 5.0  # upper bound for anything awaited here; nothing should come close
 S15_BODY = json.loads((Path(__file__).parent / "fixtures" / "system_stats_s15.json").read_text())
@@ -41,22 +42,6 @@ GAUGES = ("comfyui_gpu_utilization", "comfyui_vram_usage_bytes", "comfyui_vram_t
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
-class RecordingLog:
-    """Stands in for the module's structlog logger: keeps (level, event, fields) of every call."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, dict[str, Any]]] = []
-
-    def __getattr__(self, level: str) -> Any:
-        def record(event: str, *args: Any, **fields: Any) -> None:
-            self.lines.append((level, event, fields))
-
-        return record
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [fields for _, name, fields in self.lines if name == event]
-
-
 class Published:
     """The ``publish_raw`` callback: records (topic, decoded payload) and lets a test await the next one."""
 
